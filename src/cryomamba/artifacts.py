@@ -1,0 +1,398 @@
+"""Write a segmentation to disk: mask.mrc, mask.nii.gz, mask.nrrd, stats.json, overview.png.
+
+Arrays are ZYX in memory; voxel size and origin are (z, y, x) in Å.
+
+- **MRC** keeps the source's geometry so mask and tomogram overlay in any viewer: same
+  voxel size (``mrc.voxel_size`` takes x, y, z), origin (``header.origin``, Å) and, with
+  ``header_like``, ``n[xyz]start``. Labels 0..127 are written as **mode 0**: MRC2014 says
+  mode 0 is signed int8, IMOD reads it unsigned, and for 0..127 both agree. A label above
+  127 makes the file **mode 6** (uint16): twice the size, read the same everywhere.
+- **NIfTI-1** and **NRRD** use **micrometres** (1 Å = 1e-4 µm, so a 10 Å voxel is
+  0.001 µm): NIfTI can only say metre, mm or micron, and mm would make it 1e-6 mm.
+  NIfTI indexes (i, j, k) = (x, y, z), so the array is written transposed; the affine is
+  diagonal with the origin as translation, ``xyzt_units`` micron, qform/sform "aligned",
+  intent "label". NRRD has x as its fastest axis (pynrrd ``index_order='F'`` on the
+  transposed array; read with ``index_order='C'`` to get ZYX), diagonal ``space
+  directions``, ``space origin``, ``space units`` "microns", gzip encoding.
+- **overview.png**: central XY, XZ and YZ slices side by side, contrast-stretched to the
+  1st–99th percentile, labels overlaid in translucent colours, square display pixels.
+
+`save_artifacts` is all or nothing: each file is written under a temporary name in the
+output folder and renamed into place once all are complete; on any error the files of
+that call (temporary or already renamed) are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._version import __version__
+from .errors import InvalidVolumeError, OutputError
+from .preview import check_label_array
+from .stats import check_voxel_size, label_stats
+
+__all__ = [
+    "FORMATS",
+    "save_artifacts",
+    "write_mrc",
+    "write_nifti",
+    "write_nrrd",
+    "write_overview_png",
+    "write_stats_json",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS: dict[str, str] = {
+    "mrc": "mask.mrc",
+    "nifti": "mask.nii.gz",
+    "nrrd": "mask.nrrd",
+    "stats": "stats.json",
+    "png": "overview.png",
+}
+"""Artifact format name → file name inside the output folder."""
+
+_ANGSTROM_TO_MICRON = 1e-4
+_CHUNK_PLANES = 32
+_TMP_PREFIX = ".tmp-"
+_PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+     [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+     [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]],
+    dtype=np.float32,
+)  # fmt: skip
+_ALPHA = 0.45
+
+
+def _origin3(origin: Sequence[float] | None) -> tuple[float, float, float]:
+    """Return `origin` as three finite floats (z, y, x) in Å; None means (0, 0, 0)."""
+    if origin is None:
+        return (0.0, 0.0, 0.0)
+    values = tuple(float(v) for v in origin)
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"origin must be three finite numbers (z, y, x) in Å, got {origin!r}")
+    return values  # type: ignore[return-value]
+
+
+def _label_range(labels: Any) -> tuple[int, int]:
+    """Return the (min, max) label value, read in z-chunks; refuse values outside 0..65535."""
+    lo, hi = 0, 0
+    for i, z0 in enumerate(range(0, labels.shape[0], _CHUNK_PLANES)):
+        block = np.asarray(labels[z0 : z0 + _CHUNK_PLANES])
+        if block.size:
+            bmin, bmax = int(block.min()), int(block.max())
+            lo, hi = (bmin, bmax) if i == 0 else (min(lo, bmin), max(hi, bmax))
+    if lo < 0 or hi > np.iinfo(np.uint16).max:
+        raise InvalidVolumeError(
+            f"label values must be in 0..65535, found {lo}..{hi}",
+            hint="labels are class indices; negative or huge values mean a wrong array",
+        )
+    return lo, hi
+
+
+def _label_dtype(labels: Any) -> np.dtype:
+    """uint8 when the labels fit (no scan needed for uint8 input), else uint16."""
+    fits = labels.dtype == np.uint8 or _label_range(labels)[1] <= 255
+    return np.dtype(np.uint8 if fits else np.uint16)
+
+
+def write_mrc(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    origin: Sequence[float] | None = None,
+    header_like: Any = None,
+) -> Path:
+    """Write labels as MRC (mode 0, or 6 above 127) with the source's voxel size and origin.
+
+    Written in z-chunks into a memory-mapped file, header stats computed on the way.
+    """
+    import mrcfile
+
+    check_label_array(labels)
+    vs = check_voxel_size(voxel_size)
+    if origin is None and header_like is not None:
+        o = header_like.origin
+        origin = (float(o.z), float(o.y), float(o.x))
+    org = _origin3(origin)
+    lo, hi = _label_range(labels)
+    mode, dtype = (0, np.int8) if hi <= 127 else (6, np.uint16)
+    n = math.prod(labels.shape)
+    total, total_sq = 0, 0
+    with mrcfile.new_mmap(path, shape=tuple(labels.shape), mrc_mode=mode, overwrite=True) as mrc:
+        for z0 in range(0, labels.shape[0], _CHUNK_PLANES):
+            block = np.asarray(labels[z0 : z0 + _CHUNK_PLANES]).astype(dtype, copy=False)
+            mrc.data[z0 : z0 + block.shape[0]] = block
+            wide = block.astype(np.int64).ravel()
+            total, total_sq = total + int(wide.sum()), total_sq + int(wide @ wide)
+        mrc.voxel_size = (vs[2], vs[1], vs[0])
+        mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = org[2], org[1], org[0]
+        if header_like is not None:
+            for field in ("nxstart", "nystart", "nzstart"):
+                mrc.header[field] = header_like[field]
+        if n:
+            mean = total / n
+            mrc.header.dmin, mrc.header.dmax = lo, hi
+            mrc.header.dmean = np.float32(mean)
+            mrc.header.rms = np.float32(math.sqrt(max(total_sq / n - mean * mean, 0.0)))
+        else:
+            mrc.reset_header_stats()
+        mrc.add_label(f"cryomamba {__version__}: segmentation mask, labels 0..{hi}"[:80])
+    return Path(path)
+
+
+def _affine_micron(vs: tuple[float, ...], org: tuple[float, ...]) -> np.ndarray:
+    """4x4 affine for (x, y, z) indices: diagonal spacing and origin translation in µm."""
+    affine = np.eye(4)
+    affine[0, 0], affine[1, 1], affine[2, 2] = (v * _ANGSTROM_TO_MICRON for v in vs[::-1])
+    affine[:3, 3] = [o * _ANGSTROM_TO_MICRON for o in org[::-1]]
+    return affine
+
+
+def write_nifti(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    origin: Sequence[float] | None = None,
+) -> Path:
+    """Write labels as NIfTI-1 (x, y, z index order, spacing and origin in µm, label intent)."""
+    import nibabel as nib
+
+    check_label_array(labels)
+    vs, org = check_voxel_size(voxel_size), _origin3(origin)
+    affine = _affine_micron(vs, org)
+    img = nib.Nifti1Image(np.asarray(labels).T, affine, dtype=_label_dtype(labels))
+    img.set_sform(affine, code="aligned")
+    img.set_qform(affine, code="aligned")
+    img.header.set_xyzt_units(xyz="micron")
+    img.header.set_intent("label")
+    img.header["descrip"] = f"cryomamba {__version__} segmentation mask".encode()[:80]
+    nib.save(img, os.fspath(path))
+    return Path(path)
+
+
+def write_nrrd(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    origin: Sequence[float] | None = None,
+) -> Path:
+    """Write labels as gzip NRRD with x fastest, spacing and origin in µm."""
+    import nrrd
+
+    check_label_array(labels)
+    vs, org = check_voxel_size(voxel_size), _origin3(origin)
+    affine = _affine_micron(vs, org)
+    header = {
+        "space dimension": 3,
+        "space directions": affine[:3, :3],
+        "space origin": affine[:3, 3],
+        "space units": ["microns"] * 3,
+        "kinds": ["domain"] * 3,
+        "encoding": "gzip",
+        "content": f"cryomamba {__version__} segmentation mask",
+    }
+    data = np.asarray(labels).astype(_label_dtype(labels), copy=False).T  # (x, y, z), x fastest
+    nrrd.write(os.fspath(path), data, header, index_order="F")
+    return Path(path)
+
+
+def write_stats_json(path: str | os.PathLike, stats: Mapping[str, Any]) -> Path:
+    """Write a stats dict as strict, indented JSON (numpy scalars and arrays converted)."""
+
+    def convert(obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        if isinstance(obj, (Path, os.PathLike)):
+            return os.fspath(obj)
+        if isinstance(obj, (set, frozenset)):
+            return sorted(obj, key=repr)
+        raise TypeError(f"stats value of type {type(obj).__name__} is not JSON serialisable")
+
+    text = json.dumps(stats, indent=2, default=convert, allow_nan=False)
+    Path(path).write_text(text + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def _display_panel(gray: np.ndarray, lab: np.ndarray, row_px: float, col_px: float) -> np.ndarray:
+    """Resample one slice to square display pixels and blend the label colours over it."""
+    from PIL import Image
+
+    height, width = max(1, round(gray.shape[0] * row_px)), max(1, round(gray.shape[1] * col_px))
+    g = np.asarray(Image.fromarray(gray).resize((width, height), Image.Resampling.BILINEAR))
+    idx = Image.fromarray(lab.astype(np.int32)).resize((width, height), Image.Resampling.NEAREST)
+    rgb, lab = np.repeat(g[..., None].astype(np.float32), 3, axis=2), np.asarray(idx)
+    fg = lab > 0
+    rgb[fg] = (1 - _ALPHA) * rgb[fg] + _ALPHA * _PALETTE[(lab[fg] - 1) % len(_PALETTE)]
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def write_overview_png(
+    path: str | os.PathLike,
+    image: np.ndarray | None,
+    labels: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    max_panel: int = 1024,
+) -> Path:
+    """Write central XY, XZ, YZ slices side by side with the labels overlaid, as a PNG.
+
+    Square display pixels for anisotropic voxels; `image` None shows the labels on black.
+    """
+    from PIL import Image, ImageDraw
+
+    check_label_array(labels)
+    vs = check_voxel_size(voxel_size)
+    if image is not None and tuple(image.shape) != tuple(labels.shape):
+        raise ValueError(f"image shape {tuple(image.shape)} != labels shape {labels.shape}")
+    zc, yc, xc = (n // 2 for n in labels.shape)
+    cuts = [
+        (f"XY z={zc}", np.s_[zc, :, :], vs[1], vs[2]),
+        (f"XZ y={yc}", np.s_[:, yc, :], vs[0], vs[2]),
+        (f"YZ x={xc}", np.s_[:, :, xc], vs[0], vs[1]),
+    ]
+    if image is not None:
+        slices = [np.asarray(image[cut], dtype=np.float64) for _, cut, _, _ in cuts]
+        finite = np.concatenate([s[np.isfinite(s)] for s in slices])
+        lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        grays = [
+            np.rint(np.clip(np.nan_to_num((s - lo) / (hi - lo)), 0, 1) * 255).astype(np.uint8)
+            for s in slices
+        ]
+    else:
+        grays = [np.zeros(labels[cut].shape, np.uint8) for _, cut, _, _ in cuts]
+    px = min(vs)  # one display pixel is the finest voxel spacing
+    extent = max(max(n * v for n, v in zip(labels.shape, vs, strict=True)) / px, 1.0)
+    zoom = min(1.0, max_panel / extent)
+    panels = [
+        _display_panel(g, np.asarray(labels[cut]), r / px * zoom, c / px * zoom)
+        for g, (_, cut, r, c) in zip(grays, cuts, strict=True)
+    ]
+    gap, caption = 4, 14
+    width = sum(p.shape[1] for p in panels) + gap * (len(panels) + 1)
+    height = max(p.shape[0] for p in panels) + caption + 2 * gap
+    canvas = Image.new("RGB", (width, height), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for (title, _, _, _), panel in zip(cuts, panels, strict=True):
+        draw.text((x, 1), title, fill=(220, 220, 220))
+        canvas.paste(Image.fromarray(panel), (x, caption + gap))
+        x += panel.shape[1] + gap
+    canvas.save(os.fspath(path), format="PNG")
+    return Path(path)
+
+
+def _prepare_dir(out_dir: str | os.PathLike) -> Path:
+    """Create `out_dir` if needed and prove it writable with a probe file, or raise OutputError."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write into output folder {out}: {exc}",
+            hint="choose a folder you can write to, or fix its permissions",
+        ) from exc
+    return out
+
+
+def _check_formats(formats: Iterable[str]) -> list[str]:
+    """Return the requested format names without duplicates, or raise ValueError."""
+    if isinstance(formats, str):
+        formats = [formats]
+    chosen = list(dict.fromkeys(formats))
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown:
+        raise ValueError(
+            f"unknown artifact format(s) {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(FORMATS)}"
+        )
+    return chosen
+
+
+def save_artifacts(
+    out_dir: str | os.PathLike,
+    labels: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    origin: Sequence[float] | None = None,
+    formats: Iterable[str] = tuple(FORMATS),
+    stats: Mapping[str, Any] | None = None,
+    image: np.ndarray | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    label_names: Mapping[int, str] | None = None,
+    header_like: Any = None,
+) -> dict[str, Path]:
+    """Write the requested artifacts into `out_dir`, all or nothing; return format → path.
+
+    stats.json holds `stats` (computed with `label_stats` when None) plus `provenance`.
+    """
+    chosen = _check_formats(formats)
+    check_label_array(labels)
+    vs = check_voxel_size(voxel_size)
+    out = _prepare_dir(out_dir)
+    if "mrc" in chosen and shutil.disk_usage(out).free < math.prod(labels.shape):
+        raise OutputError(
+            f"not enough free space in {out} for a {math.prod(labels.shape)}-byte mask",
+            hint="free some space or choose another output folder",
+        )
+    token = secrets.token_hex(4)
+    temps: dict[str, Path] = {}
+    placed: list[Path] = []
+    try:
+        for fmt in chosen:
+            temps[fmt] = tmp = out / f"{_TMP_PREFIX}{token}-{FORMATS[fmt]}"
+            start = time.perf_counter()
+            if fmt == "mrc":
+                write_mrc(tmp, labels, voxel_size=vs, origin=origin, header_like=header_like)
+            elif fmt == "nifti":
+                write_nifti(tmp, labels, voxel_size=vs, origin=origin)
+            elif fmt == "nrrd":
+                write_nrrd(tmp, labels, voxel_size=vs, origin=origin)
+            elif fmt == "stats":
+                if stats is None:
+                    stats = label_stats(labels, vs, label_names=label_names)
+                payload = dict(stats)
+                if provenance is not None or "provenance" not in payload:
+                    payload["provenance"] = dict(provenance or {})
+                write_stats_json(tmp, payload)
+            else:
+                write_overview_png(tmp, image, labels, voxel_size=vs)
+            logger.info("wrote %s in %.2f s", FORMATS[fmt], time.perf_counter() - start)
+        result: dict[str, Path] = {}
+        for fmt, tmp in temps.items():
+            result[fmt] = out / FORMATS[fmt]
+            os.replace(tmp, result[fmt])
+            placed.append(result[fmt])
+    except BaseException as exc:
+        for leftover in [*temps.values(), *placed]:
+            leftover.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(
+                f"could not write artifacts in {out}: {exc}",
+                hint="check free space and permissions of the output folder",
+            ) from exc
+        raise
+    logger.info("saved %s to %s", ", ".join(result), out)
+    return result
