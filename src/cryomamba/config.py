@@ -1,0 +1,131 @@
+"""`JobConfig`: every setting of one segmentation job, as plain values the server accepts as JSON.
+
+Config is resolved in two phases (STYLE §7): this module only holds and validates plain
+values; the executor turns the model name into a loaded model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["FORMATS", "JobConfig"]
+
+FORMATS: tuple[str, ...] = ("mrc", "nifti", "nrrd", "stats", "png")
+_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What to run and how; frozen, validated on construction, JSON round-trippable."""
+
+    model: str = "demo-membrane"
+    folds: tuple[int, ...] | None = None
+    checkpoint: str = "checkpoint_final.pth"
+    tile_step: float = 0.5
+    mirroring: bool = False
+    fp16: bool = True
+    device: str = "auto"
+    tile_batch: int = 1
+    preview_interval_s: float = 1.0
+    preview_scale: int = 4
+    formats: tuple[str, ...] = FORMATS
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Normalise sequences so that a config built from JSON lists equals one built from tuples.
+        if self.folds is not None:
+            object.__setattr__(self, "folds", tuple(self.folds))
+        object.__setattr__(self, "formats", tuple(self.formats))
+        object.__setattr__(self, "extra", dict(self.extra))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError("model must be a non-empty string",
+                              hint="give a registered name (see `cryomamba models`) or a folder")
+        if self.folds is not None:
+            if not self.folds or not all(isinstance(f, int) and f >= 0 for f in self.folds):
+                raise ConfigError(f"folds must be non-negative integers, got {self.folds!r}",
+                                  hint="e.g. folds=[0] or folds=[0, 1, 2, 3, 4]; None uses all")
+            if len(set(self.folds)) != len(self.folds):
+                raise ConfigError(f"folds repeat a fold: {self.folds!r}")
+        if self.checkpoint not in _CHECKPOINTS:
+            raise ConfigError(f"checkpoint must be one of {_CHECKPOINTS}, got {self.checkpoint!r}")
+        if not _is_number(self.tile_step) or not 0 < self.tile_step <= 1:
+            raise ConfigError(f"tile_step must be in (0, 1], got {self.tile_step!r}",
+                              hint="0.5 (nnU-Net's default) overlaps tiles by half")
+        for name in ("mirroring", "fp16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not _valid_device(self.device):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not isinstance(self.tile_batch, int) or isinstance(self.tile_batch, bool) \
+                or not 1 <= self.tile_batch <= 64:
+            raise ConfigError(f"tile_batch must be an integer in 1..64, got {self.tile_batch!r}")
+        if not _is_number(self.preview_interval_s) or self.preview_interval_s < 0:
+            raise ConfigError("preview_interval_s must be a number >= 0 "
+                              f"(0 turns previews off), got {self.preview_interval_s!r}")
+        if not isinstance(self.preview_scale, int) or isinstance(self.preview_scale, bool) \
+                or not 1 <= self.preview_scale <= 8:
+            raise ConfigError(f"preview_scale must be an integer in 1..8, got {self.preview_scale!r}")
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise ConfigError(f"unknown output format(s) {unknown}",
+                              hint=f"choose from {', '.join(FORMATS)}")
+
+    def replace(self, **changes: Any) -> JobConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        d = dataclasses.asdict(self)
+        d["folds"] = list(self.folds) if self.folds is not None else None
+        d["formats"] = list(self.formats)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobConfig:
+        """Build from JSON-like values; unknown keys are an error, not silently dropped."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a job config must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}",
+                              hint=f"valid keys: {', '.join(sorted(names))}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # e.g. a list where a number belongs, caught by comparisons
+            raise ConfigError(f"invalid job config: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> JobConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"job config is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_device(device: object) -> bool:
+    if not isinstance(device, str):
+        return False
+    if device in ("auto", "cpu", "cuda"):
+        return True
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()

@@ -1,0 +1,267 @@
+"""The sliding-window loop with a rolling z-slab accumulator (DESIGN §4).
+
+Tiles are walked in nnU-Net's order (z outermost). Weighted logits accumulate in a buffer
+that spans one patch depth; when a z-row of tiles is done, the planes no later tile can
+touch are divided, arg-maxed and written out, and the buffer rolls on. The arithmetic
+(fp16 accumulators, the Gaussian scaled by 10, per-fold division, then the fold mean) is
+nnU-Net's own, so the labels equal `nnUNetPredictor`'s bit for bit when the inputs match.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import CryoMambaError, InvalidVolumeError
+from .model import TrainedModel
+from .normalize import IntensityScan, make_normalizer, scan_intensities
+from .tiling import TileGrid
+
+__all__ = ["Canceled", "GpuOutOfMemory", "StreamingPredictor"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+PlanesFn = Callable[[int, int], None]
+ReleaseFn = Callable[[int, int], None]
+
+
+class Canceled(Exception):
+    """Raised inside the loop when the cancel event is set; the caller turns it into `Canceled`."""
+
+
+class GpuOutOfMemory(CryoMambaError):
+    code = "gpu_oom"
+    retryable = True
+
+
+@dataclass
+class _Row:
+    """The normalized input planes of one z-row of tiles (padded coordinates)."""
+
+    z0: int
+    planes: np.ndarray  # float32 (pz, Py, Px)
+
+
+class StreamingPredictor:
+    """Run a `TrainedModel` over a ZYX volume of any size with memory bounded by one tile slab."""
+
+    def __init__(self, model: TrainedModel, *, tile_step: float = 0.5, mirroring: bool = False,
+                 tile_batch: int = 1, fp16: bool = True) -> None:
+        self.model = model
+        self.tile_step = tile_step
+        self.mirroring = mirroring and bool(model.mirror_axes)
+        self.tile_batch = tile_batch
+        self.device = model.device
+        self.autocast = fp16 and self.device.type == "cuda"
+
+    def plan(self, shape: tuple[int, int, int]) -> TileGrid:
+        """The tile grid for an uncropped volume of `shape` (an upper bound on the work)."""
+        tf = self.model.transpose_forward
+        return TileGrid.build(tuple(shape[i] for i in tf), self.model.patch_size,  # type: ignore[arg-type]
+                              self.tile_step)
+
+    @torch.inference_mode()
+    def predict(self, data: np.ndarray, *, out: np.ndarray | None = None,
+                on_progress: ProgressFn | None = None, on_planes: PlanesFn | None = None,
+                cancel: threading.Event | None = None, release: ReleaseFn | None = None,
+                scan: IntensityScan | None = None) -> np.ndarray:
+        """Segment `data` (Z, Y, X) into `out` (uint8, same shape), returning `out`.
+
+        `on_progress(tiles_done, tiles_total)` after each tile batch; `on_planes(z0, z1)` when
+        output planes z0..z1 (source coordinates) are final — they are finished in increasing
+        z, so `z1` is how far the mask is done; `release(z0, z1)` when source planes are no
+        longer needed. `cancel` is checked between tile batches.
+        """
+        if data.ndim != 3:
+            raise InvalidVolumeError(f"expected a 3D volume (Z, Y, X), got shape {data.shape}")
+        if out is None:
+            out = np.zeros(data.shape, dtype=np.uint8)
+        elif out.shape != data.shape or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 of shape {data.shape}, got {out.dtype} {out.shape}")
+        if self.model.num_classes > 255:
+            raise InvalidVolumeError("models with more than 255 labels are not supported")
+        scan = scan or scan_intensities(data, release=release)
+        normalize = make_normalizer(self.model.normalization, scan, self.model.intensity_properties,
+                                    self.model.use_mask_for_norm)
+        tf = self.model.transpose_forward
+        region = data[scan.bbox_slices].transpose(tf)
+        out_region = out[scan.bbox_slices].transpose(tf)
+        if any(s < o for s, o in zip(out.shape, data.shape)):  # pragma: no cover - checked above
+            raise AssertionError
+        # planes outside the non-zero box are background, as in nnU-Net
+        z0b, z1b = scan.bbox[0]
+        if not (scan.bbox_shape == out.shape):
+            out[:z0b] = 0
+            out[z1b:] = 0
+        grid = TileGrid.build(region.shape, self.model.patch_size, self.tile_step)
+        log.info("tiling %s (cropped from %s) into %d tiles of %s, %d per z-row",
+                 region.shape, data.shape, grid.n_tiles, grid.patch, grid.tiles_per_row)
+        zmap = _ZMap(tf, scan.bbox[tf.index(0)][0], data.shape[0])
+        try:
+            self._run(region, out_region, grid, normalize, on_progress, cancel, release, zmap,
+                      on_planes)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GpuOutOfMemory(
+                f"the GPU ran out of memory: {str(exc).splitlines()[0]}",
+                hint="use tile_batch=1, turn mirroring (TTA) off, close other GPU jobs, or run on a "
+                     "GPU with more memory; device='cpu' always works, slowly") from None
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if on_planes and zmap.transposed_z:
+            on_planes(0, data.shape[0])
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _run(self, region, out_region, grid: TileGrid, normalize, on_progress, cancel, release,
+             zmap, on_planes) -> None:
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+        device = self.device
+        pz, py, px = grid.patch
+        Pz, Py, Px = grid.padded
+        n_folds = len(self.model.networks)
+        n_classes = self.model.num_classes
+        gaussian = compute_gaussian(grid.patch, sigma_scale=1.0 / 8, value_scaling_factor=10,
+                                    device=device)
+        logits = torch.zeros((n_folds, n_classes, pz, Py, Px), dtype=torch.half, device=device)
+        weights = torch.zeros((pz, Py, Px), dtype=torch.half, device=device)
+        base = 0  # padded z of logits[:, :, 0]
+        row_input: _Row | None = None
+        done = 0
+        total = grid.n_tiles
+        tiles = grid.row_tiles()
+        for row, z in enumerate(grid.steps[0]):
+            row_input = self._row_input(region, grid, z, normalize, row_input, release, zmap)
+            for batch in _batched(tiles, self.tile_batch):
+                if cancel is not None and cancel.is_set():
+                    raise Canceled
+                x = np.stack([row_input.planes[None, :, y:y + py, xx:xx + px] for y, xx in batch])
+                xt = torch.from_numpy(x)
+                if device.type == "cuda":
+                    xt = xt.pin_memory().to(device, non_blocking=True)
+                for f, net in enumerate(self.model.networks):
+                    with _autocast(device, self.autocast):
+                        pred = self._predict(net, xt)
+                    for i, (y, xx) in enumerate(batch):
+                        p = pred[i].to(device)
+                        p *= gaussian
+                        logits[f, :, z - base:z - base + pz, y:y + py, xx:xx + px] += p
+                for y, xx in batch:
+                    weights[z - base:z - base + pz, y:y + py, xx:xx + px] += gaussian
+                done += len(batch)
+                if on_progress is not None:
+                    on_progress(done, total)
+            end = grid.final_plane(row)
+            self._finalize(logits, weights, base, end, grid, out_region, n_folds)
+            if on_planes is not None and not zmap.transposed_z:
+                lo, hi = zmap.source_span(base - grid.pad_below[0], end - grid.pad_below[0],
+                                          grid.shape[0])
+                if hi > lo:
+                    on_planes(lo, hi)
+            shift = end - base
+            if row + 1 < len(grid.steps[0]):
+                keep = pz - shift
+                logits[:, :, :keep] = logits[:, :, shift:].clone()
+                logits[:, :, keep:] = 0
+                weights[:keep] = weights[shift:].clone()
+                weights[keep:] = 0
+                base = end
+
+    def _predict(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's `_internal_maybe_mirror_and_predict`, op for op."""
+        prediction = net(x)
+        if self.mirroring:
+            axes = [m + 2 for m in self.model.mirror_axes]
+            combos = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+            for flip in combos:
+                prediction += torch.flip(net(torch.flip(x, flip)), flip)
+            prediction /= len(combos) + 1
+        return prediction
+
+    def _row_input(self, region, grid: TileGrid, z: int, normalize, previous: _Row | None,
+                   release, zmap) -> _Row:
+        """Normalized, zero-padded input planes [z, z + pz) for one z-row; reuses the overlap."""
+        pz = grid.patch[0]
+        (bz, by, bx), (sz, sy, sx) = grid.pad_below, grid.shape
+        planes = np.zeros((pz, *grid.padded[1:]), dtype=np.float32)
+        start = z
+        if previous is not None and previous.z0 + pz > z:
+            overlap = previous.z0 + pz - z
+            planes[:overlap] = previous.planes[z - previous.z0:]
+            start = z + overlap
+        src0, src1 = max(start - bz, 0), min(z + pz - bz, sz)
+        if src1 > src0:
+            block = np.asarray(region[src0:src1], dtype=np.float32)
+            if block.base is not None or not block.flags.writeable:
+                block = np.array(block, dtype=np.float32)
+            normalize(block)
+            planes[src0 + bz - z:src1 + bz - z, by:by + sy, bx:bx + sx] = block
+            if release is not None and not zmap.transposed_z:
+                release(*zmap.source_span(src0, src1, sz))
+        return _Row(z0=z, planes=planes)
+
+    def _finalize(self, logits, weights, base, end, grid: TileGrid, out_region, n_folds) -> None:
+        """Divide, ensemble, arg-max planes [base, end) (padded z) and write the un-padded part."""
+        (bz, by, bx), (sz, sy, sx) = grid.pad_below, grid.shape
+        lo, hi = max(base, bz), min(end, bz + sz)
+        if hi <= lo:
+            return
+        w = weights[lo - base:hi - base]
+        pred = torch.div(logits[0, :, lo - base:hi - base], w)
+        for f in range(1, n_folds):
+            pred += torch.div(logits[f, :, lo - base:hi - base], w)
+        if n_folds > 1:
+            pred /= n_folds
+        if torch.any(torch.isinf(pred)):
+            raise CryoMambaError("the network produced infinite logits",
+                                 hint="the model may be broken or the input far outside its "
+                                      "training range", code="numerical_overflow")
+        labels = pred[:, :, by:by + sy, bx:bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
+        out_region[lo - bz:hi - bz] = labels
+
+
+class _ZMap:
+    """Maps z in the (cropped, transposed) working array back to source z planes."""
+
+    def __init__(self, transpose: tuple[int, ...], z_offset: int, nz: int) -> None:
+        self.transposed_z = transpose[0] != 0
+        self.z_offset = z_offset
+        self.nz = nz
+
+    def source_span(self, a: int, b: int, size: int) -> tuple[int, int]:
+        a, b = max(a, 0), min(b, size)
+        return a + self.z_offset, b + self.z_offset
+
+
+class _autocast:
+    """fp16 autocast on CUDA, a no-op elsewhere (CPU autocast is slow and changes results)."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self._ctx = torch.autocast(device.type, enabled=True) if enabled else None
+
+    def __enter__(self):
+        return self._ctx.__enter__() if self._ctx else None
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc) if self._ctx else False
+
+
+def _batched(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def eta(start: float, done: int, total: int) -> float | None:
+    """Seconds left, from the mean time per tile so far (None before the first tile)."""
+    if done <= 0:
+        return None
+    return (time.monotonic() - start) / done * (total - done)

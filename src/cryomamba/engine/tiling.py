@@ -1,0 +1,51 @@
+"""nnU-Net's tile grid over a padded volume, walked z-row by z-row.
+
+The step positions come from nnU-Net's own `compute_steps_for_sliding_window`; padding
+follows `pad_nd_image` (content centred, the odd voxel of padding goes above).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TileGrid"]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles go: padded shape, padding below, and step starts per axis."""
+
+    shape: tuple[int, int, int]          # the image region being tiled (after cropping)
+    patch: tuple[int, int, int]
+    padded: tuple[int, int, int]
+    pad_below: tuple[int, int, int]
+    steps: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+    @classmethod
+    def build(cls, shape: tuple[int, int, int], patch: tuple[int, int, int],
+              tile_step: float) -> TileGrid:
+        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+        padded = tuple(max(s, p) for s, p in zip(shape, patch))
+        pad_below = tuple((p - s) // 2 for s, p in zip(shape, padded))
+        steps = compute_steps_for_sliding_window(padded, patch, tile_step)
+        return cls(shape=tuple(shape), patch=tuple(patch), padded=padded,  # type: ignore[arg-type]
+                   pad_below=pad_below,  # type: ignore[arg-type]
+                   steps=tuple(tuple(int(s) for s in axis) for axis in steps))  # type: ignore[arg-type]
+
+    @property
+    def tiles_per_row(self) -> int:
+        return len(self.steps[1]) * len(self.steps[2])
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.steps[0]) * self.tiles_per_row
+
+    def row_tiles(self) -> list[tuple[int, int]]:
+        """(y, x) starts of the tiles in one z-row, in nnU-Net's order."""
+        return [(y, x) for y in self.steps[1] for x in self.steps[2]]
+
+    def final_plane(self, row: int) -> int:
+        """First padded plane still open after z-row `row`: planes below it are complete."""
+        zs = self.steps[0]
+        return zs[row + 1] if row + 1 < len(zs) else self.padded[0]

@@ -1,0 +1,207 @@
+"""The `local` executor: run the streaming engine in this process, one job at a time per executor.
+
+Models are loaded once and kept (a small LRU), so a second volume starts at once. Jobs run
+on a worker thread; the caller's thread only reads events.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..config import JobConfig
+from ..errors import CryoMambaError
+from ..events import Canceled, Completed, Failed, Preview, Progress
+from ..hookspecs import hookimpl
+from ..job import Job, JobState
+from ..segmentation import Segmentation
+from ..sinks.base import as_sink
+from ..volume import Volume
+
+__all__ = ["LocalExecutor", "open_source"]
+
+log = logging.getLogger(__name__)
+
+
+def open_source(source: Any) -> Volume:
+    """A `Volume`, a path to an MRC file, or a 3D array → `Volume`."""
+    if isinstance(source, Volume):
+        return source
+    if isinstance(source, np.ndarray):
+        return Volume.from_array(source)
+    return Volume.open(source)
+
+
+class _ModelCache:
+    """Keeps the last few loaded models: (folder, folds, checkpoint, device) → TrainedModel."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, spec, config: JobConfig, device):
+        from ..engine import TrainedModel
+
+        key = (str(spec.path), config.folds, config.checkpoint, str(device))
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        model = TrainedModel.load(spec.path, folds=config.folds, checkpoint=config.checkpoint,
+                                  device=device)
+        with self._lock:
+            self._items[key] = model
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return model
+
+
+class _PreviewBuilder:
+    """Keeps a block-max downsampled copy of the mask, updated only where planes were finished."""
+
+    def __init__(self, labels: np.ndarray, scale: int) -> None:
+        self.labels = labels
+        self.scale = scale
+        self.small = np.zeros(tuple(math.ceil(s / scale) for s in labels.shape), dtype=np.uint8)
+        self.blocks_done = 0
+        self.planes_done = 0
+
+    def update(self, planes_done: int) -> None:
+        from ..preview import downsample_labels
+
+        nz = self.labels.shape[0]
+        self.planes_done = max(self.planes_done, planes_done)
+        full = nz if self.planes_done >= nz else self.planes_done // self.scale * self.scale
+        blocks = math.ceil(full / self.scale)
+        if blocks > self.blocks_done:
+            z0 = self.blocks_done * self.scale
+            self.small[self.blocks_done:blocks] = downsample_labels(self.labels[z0:full], self.scale)
+            self.blocks_done = blocks
+
+    def event(self) -> Preview:
+        return Preview(scale=self.scale, shape=tuple(self.labels.shape),  # type: ignore[arg-type]
+                       labels=self.small.copy(), planes_done=self.planes_done)
+
+
+class LocalExecutor:
+    """Runs jobs in-process on a worker thread (`max_workers` at a time, 1 by default)."""
+
+    def __init__(self, *, max_workers: int = 1, model_cache_size: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cryomamba-local")
+        self._models = _ModelCache(model_cache_size)
+
+    def submit(self, source: Any, config: JobConfig, sinks: Sequence[Any] = ()) -> Job:
+        job = Job(sinks=[as_sink(s) for s in sinks])
+        future: Future = self._pool.submit(self._run, job, source, config)
+
+        def on_cancel() -> None:
+            if future.cancel():  # still queued: it will never start
+                job.emit(Canceled())
+
+        job._on_cancel = on_cancel
+        return job
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- one job ----------------------------------------------------------------------------------
+    def _run(self, job: Job, source: Any, config: JobConfig) -> None:
+        if job.cancel_requested.is_set():
+            job.emit(Canceled())
+            return
+        job.set_state(JobState.RUNNING)
+        try:
+            result = self._segment(job, source, config)
+        except _CanceledSignal:
+            job.emit(Canceled())
+        except CryoMambaError as exc:
+            job.emit(Failed(code=exc.code, message=exc.message, hint=exc.hint,
+                            retryable=exc.retryable))
+        except MemoryError:
+            job.emit(Failed(code="out_of_memory", message="the machine ran out of memory",
+                            hint="close other programs or run on a machine with more RAM",
+                            retryable=True))
+        except Exception as exc:  # the job must end with an event whatever happens
+            log.exception("job %s failed", job.id)
+            job.emit(Failed(code="internal_error", message=f"{type(exc).__name__}: {exc}",
+                            hint="this is a bug in CryoMamba; please report it with the log"))
+        else:
+            if job.cancel_requested.is_set():
+                job.emit(Canceled())
+            else:
+                job.emit(Completed(result=result))
+
+    def _segment(self, job: Job, source: Any, config: JobConfig) -> Segmentation:
+        from ..engine import StreamingPredictor
+        from ..engine.device import resolve_device
+        from ..engine.streaming import Canceled as EngineCanceled
+        from ..engine.streaming import eta
+        from ..models import resolve_model
+
+        volume = open_source(source)
+        spec = resolve_model(config.model)
+        device = resolve_device(config.device)
+        model = self._models.get(spec, config, device)
+        predictor = StreamingPredictor(model, tile_step=config.tile_step, mirroring=config.mirroring,
+                                       tile_batch=config.tile_batch, fp16=config.fp16)
+        _warn_spacing(volume, model)
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        preview = _PreviewBuilder(labels, config.preview_scale)
+        start = time.monotonic()
+        last_preview = [start]
+
+        def on_progress(done: int, total: int) -> None:
+            job.emit(Progress(fraction=done / total, tiles_done=done, tiles_total=total,
+                              eta_s=eta(start, done, total)))
+
+        def on_planes(z0: int, z1: int) -> None:
+            interval = config.preview_interval_s
+            now = time.monotonic()
+            if interval > 0 and (now - last_preview[0] >= interval or z1 >= volume.shape[0]):
+                preview.update(z1)
+                job.emit(preview.event())
+                last_preview[0] = now
+
+        try:
+            predictor.predict(volume.data, out=labels, on_progress=on_progress, on_planes=on_planes,
+                              cancel=job.cancel_requested, release=volume.release)
+        except EngineCanceled:
+            raise _CanceledSignal from None
+        provenance = {
+            "model": {"name": spec.name, "path": str(spec.path), "sha256": spec.checksum(),
+                      "folds": list(model.folds)},
+            "config": config.to_dict(),
+            "device": str(device),
+            "source": {"path": str(volume.path) if volume.path else None,
+                       "sha256": volume.checksum(), "shape": list(volume.shape)},
+            "seconds": round(time.monotonic() - start, 3),
+        }
+        return Segmentation(labels=labels, voxel_size=volume.voxel_size, origin=volume.origin,
+                            label_names=model.label_names, provenance=provenance, image=volume.data)
+
+
+class _CanceledSignal(Exception):
+    pass
+
+
+def _warn_spacing(volume: Volume, model) -> None:
+    """The engine does not resample: say so when the voxel size is far from the model's."""
+    ratio = [v / m for v, m in zip(volume.voxel_size, model.spacing) if m > 0]
+    if ratio and any(r < 0.8 or r > 1.25 for r in ratio):
+        log.warning("voxel size %s Å differs from the model's %s Å by more than 25%%; CryoMamba "
+                    "does not resample, so results may suffer: bin or rescale the tomogram first",
+                    volume.voxel_size, model.spacing)
+
+
+@hookimpl
+def cryomamba_register_executors(registry) -> None:
+    registry.add("local", LocalExecutor)

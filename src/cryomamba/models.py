@@ -1,0 +1,98 @@
+"""Model registry: a name → an nnU-Net v2 trained-model folder; the bundled demo model is one.
+
+Models come from plugins (`cryomamba_register_models`), from `CRYOMAMBA_MODELS_DIR`
+(every sub-folder holding a plans.json is a model named after the folder), or directly
+from a folder path given as the model name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+from .hookspecs import hookimpl
+
+__all__ = ["BUNDLED_MODELS_DIR", "ModelSpec", "available_models", "resolve_model"]
+
+BUNDLED_MODELS_DIR = Path(__file__).parent / "bundled_models"
+REQUIRED_FILES = ("plans.json", "dataset.json")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a trained model lives and what it is for."""
+
+    name: str
+    path: Path
+    description: str = ""
+
+    def labels(self) -> dict[int, str]:
+        """Label value → name, from dataset.json."""
+        return read_label_names(self.path)
+
+    def checksum(self) -> str:
+        """sha256 over plans.json, dataset.json and every checkpoint, so provenance names the weights."""
+        digest = hashlib.sha256()
+        files = [self.path / f for f in REQUIRED_FILES] + sorted(self.path.glob("fold_*/checkpoint_*.pth"))
+        for file in files:
+            digest.update(file.relative_to(self.path).as_posix().encode())
+            with open(file, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+
+def read_label_names(folder: Path) -> dict[int, str]:
+    try:
+        labels = json.loads((folder / "dataset.json").read_text())["labels"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read labels from {folder / 'dataset.json'}: {exc}",
+                         hint="dataset.json needs a 'labels' object, e.g. {\"background\": 0}") from None
+    return {int(v): k for k, v in labels.items() if isinstance(v, int)}
+
+
+def _models_from_dir(root: Path) -> list[ModelSpec]:
+    if not root.is_dir():
+        return []
+    return [ModelSpec(p.name, p, f"from {root}") for p in sorted(root.iterdir())
+            if (p / "plans.json").is_file()]
+
+
+@hookimpl
+def cryomamba_register_models(registry) -> None:
+    """Builtin models: the bundled demo model, plus any in $CRYOMAMBA_MODELS_DIR."""
+    registry.add("demo-membrane", ModelSpec(
+        "demo-membrane", BUNDLED_MODELS_DIR / "demo-membrane",
+        "small demo model: membranes in cryo-ET at 10 Å/voxel, trained on synthetic tomograms"))
+    extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
+    if extra:
+        for spec in _models_from_dir(Path(extra)):
+            if spec.name not in registry:
+                registry.add(spec.name, spec)
+
+
+def available_models() -> list[ModelSpec]:
+    from . import plugins
+
+    registry = plugins.models()
+    return [registry.get(name) for name in registry.names()]
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
+    """A registered name or a trained-model folder → `ModelSpec`; a clear `ModelError` otherwise."""
+    from . import plugins
+
+    name = os.fspath(name_or_path)
+    registry = plugins.models()
+    if name in registry:
+        return registry.get(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelSpec(path.name, path.resolve(), f"folder {path}")
+    raise ModelError(f"unknown model {name!r}",
+                     hint=f"use one of: {', '.join(registry.names())} "
+                          "(see `cryomamba models`), or the path of an nnU-Net v2 trained-model folder")
