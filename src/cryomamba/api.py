@@ -14,8 +14,14 @@ from .segmentation import Segmentation
 __all__ = ["segment", "submit"]
 
 
-def submit(source: Any, config: JobConfig | None = None, *, executor: Any = "local",
-           sinks: Sequence[Any] = (), **executor_options: Any) -> Job:
+def submit(
+    source: Any,
+    config: JobConfig | None = None,
+    *,
+    executor: Any = "local",
+    sinks: Sequence[Any] = (),
+    **executor_options: Any,
+) -> Job:
     """Start segmenting `source` (a `Volume`, an MRC path or a 3D array) and return its `Job`.
 
     `executor` is a registered name ("local", "remote", ...) or an executor object; extra
@@ -27,9 +33,16 @@ def submit(source: Any, config: JobConfig | None = None, *, executor: Any = "loc
     return get_executor(executor, **executor_options).submit(source, config, sinks)
 
 
-def segment(source: Any, model: str | os.PathLike = "demo-membrane", *, executor: Any = "local",
-            sinks: Sequence[Any] = (), timeout: float | None = None,
-            executor_options: dict[str, Any] | None = None, **config: Any) -> Segmentation:
+def segment(
+    source: Any,
+    model: str | os.PathLike = "demo-membrane",
+    *,
+    executor: Any = "local",
+    sinks: Sequence[Any] = (),
+    timeout: float | None = None,
+    executor_options: dict[str, Any] | None = None,
+    **config: Any,
+) -> Segmentation:
     """Segment `source` with `model` and wait for the result; config fields go as keywords.
 
     Raises `JobFailedError` / `JobCanceledError` if the job did not complete, and the first

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .artifacts import FORMATS as ARTIFACT_FILES
 from .errors import ConfigError
 
 __all__ = ["FORMATS", "JobConfig"]
 
-FORMATS: tuple[str, ...] = ("mrc", "nifti", "nrrd", "stats", "png")
+FORMATS: tuple[str, ...] = tuple(ARTIFACT_FILES)  # mrc, nifti, nrrd, stats, png
 _CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 
 
@@ -48,37 +49,56 @@ class JobConfig:
 
     def _validate(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError("model must be a non-empty string",
-                              hint="give a registered name (see `cryomamba models`) or a folder")
+            raise ConfigError(
+                "model must be a non-empty string",
+                hint="give a registered name (see `cryomamba models`) or a folder",
+            )
         if self.folds is not None:
             if not self.folds or not all(isinstance(f, int) and f >= 0 for f in self.folds):
-                raise ConfigError(f"folds must be non-negative integers, got {self.folds!r}",
-                                  hint="e.g. folds=[0] or folds=[0, 1, 2, 3, 4]; None uses all")
+                raise ConfigError(
+                    f"folds must be non-negative integers, got {self.folds!r}",
+                    hint="e.g. folds=[0] or folds=[0, 1, 2, 3, 4]; None uses all",
+                )
             if len(set(self.folds)) != len(self.folds):
                 raise ConfigError(f"folds repeat a fold: {self.folds!r}")
         if self.checkpoint not in _CHECKPOINTS:
             raise ConfigError(f"checkpoint must be one of {_CHECKPOINTS}, got {self.checkpoint!r}")
         if not _is_number(self.tile_step) or not 0 < self.tile_step <= 1:
-            raise ConfigError(f"tile_step must be in (0, 1], got {self.tile_step!r}",
-                              hint="0.5 (nnU-Net's default) overlaps tiles by half")
+            raise ConfigError(
+                f"tile_step must be in (0, 1], got {self.tile_step!r}",
+                hint="0.5 (nnU-Net's default) overlaps tiles by half",
+            )
         for name in ("mirroring", "fp16"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _valid_device(self.device):
-            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if not isinstance(self.tile_batch, int) or isinstance(self.tile_batch, bool) \
-                or not 1 <= self.tile_batch <= 64:
+            raise ConfigError(
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
+        if (
+            not isinstance(self.tile_batch, int)
+            or isinstance(self.tile_batch, bool)
+            or not 1 <= self.tile_batch <= 64
+        ):
             raise ConfigError(f"tile_batch must be an integer in 1..64, got {self.tile_batch!r}")
         if not _is_number(self.preview_interval_s) or self.preview_interval_s < 0:
-            raise ConfigError("preview_interval_s must be a number >= 0 "
-                              f"(0 turns previews off), got {self.preview_interval_s!r}")
-        if not isinstance(self.preview_scale, int) or isinstance(self.preview_scale, bool) \
-                or not 1 <= self.preview_scale <= 8:
-            raise ConfigError(f"preview_scale must be an integer in 1..8, got {self.preview_scale!r}")
+            raise ConfigError(
+                "preview_interval_s must be a number >= 0 "
+                f"(0 turns previews off), got {self.preview_interval_s!r}"
+            )
+        if (
+            not isinstance(self.preview_scale, int)
+            or isinstance(self.preview_scale, bool)
+            or not 1 <= self.preview_scale <= 8
+        ):
+            raise ConfigError(
+                f"preview_scale must be an integer in 1..8, got {self.preview_scale!r}"
+            )
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
-            raise ConfigError(f"unknown output format(s) {unknown}",
-                              hint=f"choose from {', '.join(FORMATS)}")
+            raise ConfigError(
+                f"unknown output format(s) {unknown}", hint=f"choose from {', '.join(FORMATS)}"
+            )
 
     def replace(self, **changes: Any) -> JobConfig:
         """A copy with some fields changed (validated again)."""
@@ -102,8 +122,10 @@ class JobConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}",
-                              hint=f"valid keys: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown config key(s): {', '.join(unknown)}",
+                hint=f"valid keys: {', '.join(sorted(names))}",
+            )
         try:
             return cls(**data)
         except TypeError as exc:  # e.g. a list where a number belongs, caught by comparisons

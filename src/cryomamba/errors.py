@@ -63,8 +63,9 @@ class JobFailedError(CryoMambaError, RuntimeError):
 
     code = "job_failed"
 
-    def __init__(self, message: str, *, hint: str = "", code: str | None = None,
-                 retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, hint: str = "", code: str | None = None, retryable: bool = False
+    ) -> None:
         super().__init__(message, hint=hint, code=code)
         self.retryable = retryable
 

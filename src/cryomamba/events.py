@@ -1,4 +1,4 @@
-"""The events a `Job` reports, in the order they happen: Progress and Preview, then one terminal event.
+"""The events a `Job` reports: Progress and Preview while it runs, then one terminal event.
 
 Every event turns into a JSON-ready dict and back, so the server can send exactly what the
 local executor produces.
@@ -49,8 +49,14 @@ class Progress(Event):
     stage: str = "inference"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "fraction": self.fraction, "tiles_done": self.tiles_done,
-                "tiles_total": self.tiles_total, "eta_s": self.eta_s, "stage": self.stage}
+        return {
+            "type": self.kind,
+            "fraction": self.fraction,
+            "tiles_done": self.tiles_done,
+            "tiles_total": self.tiles_total,
+            "eta_s": self.eta_s,
+            "stage": self.stage,
+        }
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,14 +71,20 @@ class Preview(Event):
 
     def to_dict(self) -> dict[str, Any]:
         data = np.ascontiguousarray(self.labels, dtype=np.uint8)
-        return {"type": self.kind, "scale": self.scale, "shape": list(data.shape),
-                "full_shape": list(self.shape), "dtype": "uint8", "planes_done": self.planes_done,
-                "data": base64.b64encode(data.tobytes()).decode("ascii")}
+        return {
+            "type": self.kind,
+            "scale": self.scale,
+            "shape": list(data.shape),
+            "full_shape": list(self.shape),
+            "dtype": "uint8",
+            "planes_done": self.planes_done,
+            "data": base64.b64encode(data.tobytes()).decode("ascii"),
+        }
 
 
 @dataclass(frozen=True)
 class Completed(Event):
-    """The job finished; `result` is the `Segmentation` (None when only its record crossed a wire)."""
+    """The job finished; `result` is the `Segmentation` (None when only a record crossed a wire)."""
 
     kind: ClassVar[str] = "completed"
     terminal: ClassVar[bool] = True
@@ -85,7 +97,7 @@ class Completed(Event):
 
 @dataclass(frozen=True)
 class Failed(Event):
-    """The job stopped with an error: a stable `code`, a message, a hint, and whether a retry may help."""
+    """The job stopped: a stable `code`, a message, a hint, and whether a retry may help."""
 
     kind: ClassVar[str] = "failed"
     terminal: ClassVar[bool] = True
@@ -95,8 +107,13 @@ class Failed(Event):
     retryable: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "code": self.code, "message": self.message, "hint": self.hint,
-                "retryable": self.retryable}
+        return {
+            "type": self.kind,
+            "code": self.code,
+            "message": self.message,
+            "hint": self.hint,
+            "retryable": self.retryable,
+        }
 
 
 @dataclass(frozen=True)
@@ -114,24 +131,37 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     """Rebuild an event from `Event.to_dict()` output (what the server sends)."""
     kind = data.get("type")
     if kind == "progress":
-        return Progress(fraction=float(data["fraction"]), tiles_done=int(data["tiles_done"]),
-                        tiles_total=int(data["tiles_total"]), eta_s=data.get("eta_s"),
-                        stage=data.get("stage", "inference"))
+        return Progress(
+            fraction=float(data["fraction"]),
+            tiles_done=int(data["tiles_done"]),
+            tiles_total=int(data["tiles_total"]),
+            eta_s=data.get("eta_s"),
+            stage=data.get("stage", "inference"),
+        )
     if kind == "preview":
         shape = tuple(int(s) for s in data["shape"])
         raw = base64.b64decode(data["data"])
         if len(raw) != int(np.prod(shape)):
-            raise ValueError(f"preview payload is {len(raw)} bytes, shape {shape} needs "
-                             f"{int(np.prod(shape))}")
+            raise ValueError(
+                f"preview payload is {len(raw)} bytes, shape {shape} needs {int(np.prod(shape))}"
+            )
         labels = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
         full = tuple(int(s) for s in data.get("full_shape", shape))
-        return Preview(scale=int(data["scale"]), shape=full, labels=labels,  # type: ignore[arg-type]
-                       planes_done=int(data.get("planes_done", 0)))
+        return Preview(
+            scale=int(data["scale"]),
+            shape=full,
+            labels=labels,  # type: ignore[arg-type]
+            planes_done=int(data.get("planes_done", 0)),
+        )
     if kind == "completed":
         return Completed(result=None, artifacts=dict(data.get("artifacts", {})))
     if kind == "failed":
-        return Failed(code=str(data["code"]), message=str(data["message"]),
-                      hint=str(data.get("hint", "")), retryable=bool(data.get("retryable", False)))
+        return Failed(
+            code=str(data["code"]),
+            message=str(data["message"]),
+            hint=str(data.get("hint", "")),
+            retryable=bool(data.get("retryable", False)),
+        )
     if kind == "canceled":
         return Canceled()
     raise ValueError(f"unknown event type {kind!r}")

@@ -97,8 +97,13 @@ class _Subscription:
 class Job:
     """A running or finished segmentation: state, events, cancel, result."""
 
-    def __init__(self, job_id: str | None = None, *, on_cancel: Callable[[], None] | None = None,
-                 sinks: list | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str | None = None,
+        *,
+        on_cancel: Callable[[], None] | None = None,
+        sinks: list | None = None,
+    ) -> None:
         self.id = job_id or uuid.uuid4().hex
         self.created_at = time.time()
         self._state = JobState.QUEUED
@@ -199,12 +204,14 @@ class Job:
         event = self._terminal
         if isinstance(event, Completed):
             if event.result is None:
-                raise JobFailedError("the job completed but its result is not available here",
-                                     code="no_result")
+                raise JobFailedError(
+                    "the job completed but its result is not available here", code="no_result"
+                )
             return event.result
         if isinstance(event, Failed):
-            raise JobFailedError(event.message, hint=event.hint, code=event.code,
-                                 retryable=event.retryable)
+            raise JobFailedError(
+                event.message, hint=event.hint, code=event.code, retryable=event.retryable
+            )
         raise JobCanceledError(f"job {self.id} was canceled")
 
     # -- what executors use -----------------------------------------------------------------
@@ -218,7 +225,7 @@ class Job:
             self._state = state
 
     def emit(self, event: Event) -> None:
-        """Record an event and hand it to every subscriber; events after the terminal one are dropped."""
+        """Record an event and hand it to every subscriber; nothing is accepted after the end."""
         with self._lock:
             if self._state in JobState.TERMINAL:
                 log.debug("job %s: dropping %s after the end", self.id, event.kind)
@@ -261,7 +268,7 @@ class Job:
                 self._subs.remove(sub)
 
     def _attach_sink(self, sink) -> None:
-        """Feed a sink from its own thread, so a slow sink misses previews instead of slowing the job."""
+        """Feed a sink from its own thread: a slow sink misses previews, it never slows the job."""
         sub = self._subscribe()
 
         def pump() -> None:

@@ -35,9 +35,11 @@ class ModelSpec:
         return read_label_names(self.path)
 
     def checksum(self) -> str:
-        """sha256 over plans.json, dataset.json and every checkpoint, so provenance names the weights."""
+        """sha256 over plans, dataset and every checkpoint, so provenance names the weights."""
         digest = hashlib.sha256()
-        files = [self.path / f for f in REQUIRED_FILES] + sorted(self.path.glob("fold_*/checkpoint_*.pth"))
+        files = [self.path / f for f in REQUIRED_FILES] + sorted(
+            self.path.glob("fold_*/checkpoint_*.pth")
+        )
         for file in files:
             digest.update(file.relative_to(self.path).as_posix().encode())
             with open(file, "rb") as fh:
@@ -50,24 +52,34 @@ def read_label_names(folder: Path) -> dict[int, str]:
     try:
         labels = json.loads((folder / "dataset.json").read_text())["labels"]
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot read labels from {folder / 'dataset.json'}: {exc}",
-                         hint="dataset.json needs a 'labels' object, e.g. {\"background\": 0}") from None
+        raise ModelError(
+            f"cannot read labels from {folder / 'dataset.json'}: {exc}",
+            hint="dataset.json needs a 'labels' object, e.g. {\"background\": 0}",
+        ) from None
     return {int(v): k for k, v in labels.items() if isinstance(v, int)}
 
 
 def _models_from_dir(root: Path) -> list[ModelSpec]:
     if not root.is_dir():
         return []
-    return [ModelSpec(p.name, p, f"from {root}") for p in sorted(root.iterdir())
-            if (p / "plans.json").is_file()]
+    return [
+        ModelSpec(p.name, p, f"from {root}")
+        for p in sorted(root.iterdir())
+        if (p / "plans.json").is_file()
+    ]
 
 
 @hookimpl
 def cryomamba_register_models(registry) -> None:
     """Builtin models: the bundled demo model, plus any in $CRYOMAMBA_MODELS_DIR."""
-    registry.add("demo-membrane", ModelSpec(
-        "demo-membrane", BUNDLED_MODELS_DIR / "demo-membrane",
-        "small demo model: membranes in cryo-ET at 10 Å/voxel, trained on synthetic tomograms"))
+    registry.add(
+        "demo-membrane",
+        ModelSpec(
+            "demo-membrane",
+            BUNDLED_MODELS_DIR / "demo-membrane",
+            "small demo model: membranes in cryo-ET at 10 Å/voxel, trained on synthetic tomograms",
+        ),
+    )
     extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
     if extra:
         for spec in _models_from_dir(Path(extra)):
@@ -93,6 +105,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
     path = Path(name).expanduser()
     if path.is_dir():
         return ModelSpec(path.name, path.resolve(), f"folder {path}")
-    raise ModelError(f"unknown model {name!r}",
-                     hint=f"use one of: {', '.join(registry.names())} "
-                          "(see `cryomamba models`), or the path of an nnU-Net v2 trained-model folder")
+    raise ModelError(
+        f"unknown model {name!r}",
+        hint=f"use one of: {', '.join(registry.names())} "
+        "(see `cryomamba models`), or the path of an nnU-Net v2 trained-model folder",
+    )

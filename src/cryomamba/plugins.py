@@ -42,7 +42,9 @@ _registries: dict[str, Registry] = {}
 
 
 def _disabled() -> set[str]:
-    return {n.strip() for n in os.environ.get("CRYOMAMBA_DISABLED_PLUGINS", "").split(",") if n.strip()}
+    return {
+        n.strip() for n in os.environ.get("CRYOMAMBA_DISABLED_PLUGINS", "").split(",") if n.strip()
+    }
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -62,8 +64,12 @@ def get_plugin_manager() -> pluggy.PluginManager:
                 try:
                     pm.register(ep.load(), name=ep.name)
                 except Exception as exc:  # a broken outside plugin warns and is skipped
-                    warnings.warn(f"cryomamba plugin {ep.name!r} ({ep.value}) failed to load and "
-                                  f"was skipped: {exc}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"cryomamba plugin {ep.name!r} ({ep.value}) failed to load and "
+                        f"was skipped: {exc}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             pm.check_pending()
             _pm = pm
         return _pm
@@ -93,9 +99,10 @@ def models() -> Registry:
     return _registry("model", "cryomamba_register_models")
 
 
-def reset() -> None:
-    """Forget the manager and registries (tests register throwaway plugins, then call this)."""
+def reset(*, keep_manager: bool = False) -> None:
+    """Forget the registries (and the manager, unless `keep_manager`): for tests and reloads."""
     global _pm
     with _lock:
-        _pm = None
+        if not keep_manager:
+            _pm = None
         _registries.clear()

@@ -28,8 +28,9 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names()) or 'none'}") \
-                from None
+            raise KeyError(
+                f"unknown {self.kind} {name!r}; known: {', '.join(self.names()) or 'none'}"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -27,6 +27,7 @@ class Segmentation:
     label_names: dict[int, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     image: np.ndarray | None = field(default=None, repr=False)
+    header: Any = field(default=None, repr=False)  # the source MRC header, for n[xyz]start
     artifacts: dict[str, Path] = field(default_factory=dict)
     _stats: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -50,10 +51,17 @@ class Segmentation:
 
         formats = tuple(formats) if formats is not None else FORMATS
         stats = self.stats if ("stats" in formats or "png" in formats) else None
-        paths = save_artifacts(Path(out_dir), self.labels, voxel_size=self.voxel_size,
-                               origin=self.origin, formats=formats, stats=stats, image=self.image,
-                               provenance={"cryomamba_version": __version__, **self.provenance},
-                               label_names=self.label_names)
+        paths = save_artifacts(
+            Path(out_dir),
+            self.labels,
+            voxel_size=self.voxel_size,
+            origin=self.origin,
+            formats=formats,
+            stats=stats,
+            image=self.image,
+            provenance={"cryomamba_version": __version__, **self.provenance},
+            label_names=self.label_names,
+        )
         self.artifacts.update(paths)
         log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
         return paths

@@ -17,10 +17,14 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was requested but PyTorch sees no CUDA GPU",
-                          hint="use device='cpu' or 'auto', or install a CUDA build of PyTorch")
+        raise ConfigError(
+            f"device {name!r} was requested but PyTorch sees no CUDA GPU",
+            hint="use device='cpu' or 'auto', or install a CUDA build of PyTorch",
+        )
     index = device.index or 0
     if index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) found",
-                          hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        raise ConfigError(
+            f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) found",
+            hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+        )
     return torch.device("cuda", index)

@@ -23,8 +23,13 @@ __all__ = ["TrainedModel"]
 log = logging.getLogger(__name__)
 
 CONFIGURATION = "3d_fullres"
-SUPPORTED_NORMALIZATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization",
-                            "RescaleTo01Normalization", "RGBTo01Normalization")
+SUPPORTED_NORMALIZATIONS = (
+    "ZScoreNormalization",
+    "CTNormalization",
+    "NoNormalization",
+    "RescaleTo01Normalization",
+    "RGBTo01Normalization",
+)
 
 
 @dataclass
@@ -37,7 +42,7 @@ class TrainedModel:
     folds: tuple[int | str, ...]
     networks: list[torch.nn.Module] = field(repr=False)
     mirror_axes: tuple[int, ...]
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def configuration(self) -> dict[str, Any]:
@@ -85,10 +90,15 @@ class TrainedModel:
         return self
 
     @classmethod
-    def load(cls, folder: str | Path, *, folds: tuple[int, ...] | None = None,
-             checkpoint: str = "checkpoint_final.pth",
-             device: torch.device | str = "cpu") -> TrainedModel:
-        """Load and check a trained-model folder; any problem is a `ModelError` that names the file."""
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        folds: tuple[int, ...] | None = None,
+        checkpoint: str = "checkpoint_final.pth",
+        device: torch.device | str = "cpu",
+    ) -> TrainedModel:
+        """Load and check a trained-model folder; any problem is a `ModelError` naming the file."""
         path = Path(folder)
         plans = _read_json(path, "plans.json")
         dataset = _read_json(path, "dataset.json")
@@ -96,12 +106,16 @@ class TrainedModel:
         fold_names = _find_folds(path, folds, checkpoint)
         in_channels = len(dataset.get("channel_names", dataset.get("modality", {"0": ""})))
         if in_channels != 1:
-            raise ModelError(f"{path.name} expects {in_channels} input channels; tomograms have one",
-                             hint="use a model trained on single-channel images")
+            raise ModelError(
+                f"{path.name} expects {in_channels} input channels; tomograms have one",
+                hint="use a model trained on single-channel images",
+            )
         n_classes = len([v for v in dataset["labels"].values() if isinstance(v, int)])
         if "regions_class_order" in dataset:
-            raise ModelError(f"{path.name} is a region-based model, which CryoMamba does not run yet",
-                             hint="use a model trained with plain labels")
+            raise ModelError(
+                f"{path.name} is a region-based model, which CryoMamba does not run yet",
+                hint="use a model trained with plain labels",
+            )
         networks = []
         mirror_axes: tuple[int, ...] = ()
         for i, fold in enumerate(fold_names):
@@ -112,28 +126,38 @@ class TrainedModel:
                 net.load_state_dict(ckpt["network_weights"])
             except RuntimeError as exc:
                 first = str(exc).splitlines()[0:3]
-                raise ModelError(f"{ckpt_path} does not match the architecture in plans.json: "
-                                 f"{' '.join(first)}",
-                                 hint="plans.json and the checkpoint must come from the same training "
-                                      "run") from None
+                raise ModelError(
+                    f"{ckpt_path} does not match the architecture in plans.json: {' '.join(first)}",
+                    hint="plans.json and the checkpoint must come from the same training run",
+                ) from None
             net.eval()
             networks.append(net)
             if i == 0:
                 mirror_axes = tuple(ckpt.get("inference_allowed_mirroring_axes") or ())
-        model = cls(path=path, plans=plans, dataset=dataset, folds=tuple(fold_names),
-                    networks=networks, mirror_axes=mirror_axes)
+        model = cls(
+            path=path,
+            plans=plans,
+            dataset=dataset,
+            folds=tuple(fold_names),
+            networks=networks,
+            mirror_axes=mirror_axes,
+        )
         return model.to(torch.device(device))
 
 
 def _read_json(path: Path, name: str) -> dict[str, Any]:
     file = path / name
     if not path.is_dir():
-        raise ModelError(f"model folder {path} does not exist",
-                         hint="give a registered model name or an nnU-Net v2 trained-model folder")
+        raise ModelError(
+            f"model folder {path} does not exist",
+            hint="give a registered model name or an nnU-Net v2 trained-model folder",
+        )
     if not file.is_file():
-        raise ModelError(f"model folder {path} has no {name}",
-                         hint="an nnU-Net v2 trained-model folder holds plans.json, dataset.json and "
-                              "fold_N/checkpoint_final.pth")
+        raise ModelError(
+            f"model folder {path} has no {name}",
+            hint="an nnU-Net v2 trained-model folder holds plans.json, dataset.json and "
+            "fold_N/checkpoint_final.pth",
+        )
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
@@ -147,8 +171,10 @@ def _check_plans(path: Path, plans: dict, dataset: dict) -> dict:
     config = plans.get("configurations", {}).get(CONFIGURATION)
     if config is None:
         have = ", ".join(plans.get("configurations", {})) or "none"
-        raise ModelError(f"{path / 'plans.json'} has no {CONFIGURATION} configuration (has: {have})",
-                         hint="CryoMamba runs 3d_fullres models")
+        raise ModelError(
+            f"{path / 'plans.json'} has no {CONFIGURATION} configuration (has: {have})",
+            hint="CryoMamba runs 3d_fullres models",
+        )
     for key in ("patch_size", "normalization_schemes", "architecture", "spacing"):
         if key not in config:
             raise ModelError(f"{path / 'plans.json'}: {CONFIGURATION} lacks {key!r}")
@@ -156,8 +182,10 @@ def _check_plans(path: Path, plans: dict, dataset: dict) -> dict:
         raise ModelError(f"{path / 'plans.json'}: patch_size {config['patch_size']} is not 3D")
     scheme = config["normalization_schemes"][0]
     if scheme not in SUPPORTED_NORMALIZATIONS:
-        raise ModelError(f"{path.name} uses normalization {scheme}, which CryoMamba does not support",
-                         hint=f"supported: {', '.join(SUPPORTED_NORMALIZATIONS)}")
+        raise ModelError(
+            f"{path.name} uses normalization {scheme}, which CryoMamba does not support",
+            hint=f"supported: {', '.join(SUPPORTED_NORMALIZATIONS)}",
+        )
     if "labels" not in dataset or dataset["labels"].get("background") != 0:
         raise ModelError(f"{path / 'dataset.json'} needs labels with background 0")
     if sorted(plans.get("transpose_forward", [0, 1, 2])) != [0, 1, 2]:
@@ -169,18 +197,22 @@ def _find_folds(path: Path, folds: tuple[int, ...] | None, checkpoint: str) -> l
     if folds is None:
         found = sorted(
             (int(m.group(1)) if m.group(1).isdigit() else m.group(1))
-            for p in path.glob("fold_*") if (m := re.fullmatch(r"fold_(\d+|all)", p.name))
-            and (p / checkpoint).is_file()
+            for p in path.glob("fold_*")
+            if (m := re.fullmatch(r"fold_(\d+|all)", p.name)) and (p / checkpoint).is_file()
         )
         if not found:
-            raise ModelError(f"model folder {path} has no fold_N/{checkpoint}",
-                             hint="train at least one fold, or pass checkpoint='checkpoint_best.pth' "
-                                  "if only that exists")
+            raise ModelError(
+                f"model folder {path} has no fold_N/{checkpoint}",
+                hint="train at least one fold, or pass checkpoint='checkpoint_best.pth' "
+                "if only that exists",
+            )
         return found
     missing = [f for f in folds if not (path / f"fold_{f}" / checkpoint).is_file()]
     if missing:
-        raise ModelError(f"model folder {path} lacks {checkpoint} for fold(s) {missing}",
-                         hint="leave folds unset to use every fold that is there")
+        raise ModelError(
+            f"model folder {path} lacks {checkpoint} for fold(s) {missing}",
+            hint="leave folds unset to use every fold that is there",
+        )
     return list(folds)
 
 
@@ -190,8 +222,9 @@ def _load_checkpoint(file: Path) -> dict[str, Any]:
         # weights_only=False; only load model folders you trust, as with nnU-Net itself.
         ckpt = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {file}: {exc}",
-                         hint="the file may be truncated; copy it again") from None
+        raise ModelError(
+            f"cannot read checkpoint {file}: {exc}", hint="the file may be truncated; copy it again"
+        ) from None
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise ModelError(f"{file} is not an nnU-Net checkpoint (no 'network_weights')")
     return ckpt
@@ -202,9 +235,17 @@ def _build_network(config: dict, n_classes: int) -> torch.nn.Module:
 
     arch = config["architecture"]
     try:
-        return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
-                                      arch["_kw_requires_import"], 1, n_classes,
-                                      allow_init=False, deep_supervision=False)
+        return get_network_from_plans(
+            arch["network_class_name"],
+            arch["arch_kwargs"],
+            arch["_kw_requires_import"],
+            1,
+            n_classes,
+            allow_init=False,
+            deep_supervision=False,
+        )
     except Exception as exc:
-        raise ModelError(f"cannot build network {arch.get('network_class_name')!r} from plans.json: "
-                         f"{exc}", hint="is dynamic_network_architectures up to date?") from None
+        raise ModelError(
+            f"cannot build network {arch.get('network_class_name')!r} from plans.json: {exc}",
+            hint="is dynamic_network_architectures up to date?",
+        ) from None

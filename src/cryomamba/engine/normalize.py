@@ -42,8 +42,12 @@ def _planes_per_chunk(shape: tuple[int, ...], chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, int(np.prod(shape[1:])) * 8))
 
 
-def scan_intensities(data: np.ndarray, *, chunk_bytes: int = 64 << 20,
-                     release: Callable[[int, int], None] | None = None) -> IntensityScan:
+def scan_intensities(
+    data: np.ndarray,
+    *,
+    chunk_bytes: int = 64 << 20,
+    release: Callable[[int, int], None] | None = None,
+) -> IntensityScan:
     """Two chunked passes: the non-zero bounding box, then mean/std/min/max inside it (float64).
 
     `release(z0, z1)` is called after each block so a memory-mapped source can drop its pages.
@@ -57,11 +61,11 @@ def scan_intensities(data: np.ndarray, *, chunk_bytes: int = 64 << 20,
     x_any = np.zeros(data.shape[2], dtype=bool)
     bad = 0
     for z0 in range(0, nz, step):
-        block = np.asarray(data[z0:z0 + step])
+        block = np.asarray(data[z0 : z0 + step])
         if block.dtype.kind == "f":
             bad += int(np.count_nonzero(~np.isfinite(block)))
         nonzero = block != 0
-        z_any[z0:z0 + step] = nonzero.any(axis=(1, 2))
+        z_any[z0 : z0 + step] = nonzero.any(axis=(1, 2))
         y_any |= nonzero.any(axis=(0, 2))
         x_any |= nonzero.any(axis=(0, 1))
         if release:
@@ -70,7 +74,8 @@ def scan_intensities(data: np.ndarray, *, chunk_bytes: int = 64 << 20,
         raise InvalidVolumeError(
             f"the volume holds {bad} NaN or infinite voxel(s)",
             hint="replace them (e.g. with the volume's mean) before segmenting; a reconstruction "
-                 "with NaN usually means a failed alignment or a division by zero upstream")
+            "with NaN usually means a failed alignment or a division by zero upstream",
+        )
     bbox = tuple(_span(a) for a in (z_any, y_any, x_any))
     total = 0.0
     total_sq = 0.0
@@ -79,7 +84,7 @@ def scan_intensities(data: np.ndarray, *, chunk_bytes: int = 64 << 20,
     count = (zb - za) * (yb - ya) * (xb - xa)
     # mean first, then the sum of squared deviations: the two-pass formula keeps full precision
     for z0 in range(za, zb, step):
-        block = np.asarray(data[z0:min(z0 + step, zb), ya:yb, xa:xb], dtype=np.float64)
+        block = np.asarray(data[z0 : min(z0 + step, zb), ya:yb, xa:xb], dtype=np.float64)
         total += float(block.sum())
         lo = min(lo, float(block.min()))
         hi = max(hi, float(block.max()))
@@ -87,16 +92,22 @@ def scan_intensities(data: np.ndarray, *, chunk_bytes: int = 64 << 20,
             release(z0, z0 + step)
     mean = total / count
     for z0 in range(za, zb, step):
-        block = np.asarray(data[z0:min(z0 + step, zb), ya:yb, xa:xb], dtype=np.float64)
+        block = np.asarray(data[z0 : min(z0 + step, zb), ya:yb, xa:xb], dtype=np.float64)
         total_sq += float(np.square(block - mean).sum())
         if release:
             release(z0, z0 + step)
     if hi == lo:
         raise InvalidVolumeError(
             f"the volume is constant (every voxel is {lo:g}): there is nothing to segment",
-            hint="check that the file holds the reconstruction and not an empty placeholder")
-    return IntensityScan(bbox=bbox, mean=mean, std=float(np.sqrt(total_sq / count)),  # type: ignore[arg-type]
-                         minimum=lo, maximum=hi)
+            hint="check that the file holds the reconstruction and not an empty placeholder",
+        )
+    return IntensityScan(
+        bbox=bbox,
+        mean=mean,
+        std=float(np.sqrt(total_sq / count)),  # type: ignore[arg-type]
+        minimum=lo,
+        maximum=hi,
+    )
 
 
 def _span(mask: np.ndarray) -> tuple[int, int]:
@@ -106,13 +117,16 @@ def _span(mask: np.ndarray) -> tuple[int, int]:
     return int(idx[0]), int(idx[-1]) + 1
 
 
-def make_normalizer(scheme: str, scan: IntensityScan, properties: dict[str, float],
-                    use_mask_for_norm: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+def make_normalizer(
+    scheme: str, scan: IntensityScan, properties: dict[str, float], use_mask_for_norm: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
     """A function float32 block → normalized float32 block (in place), matching nnU-Net's scheme."""
     if use_mask_for_norm and scheme == "ZScoreNormalization":
-        raise ModelError("the model normalizes inside a foreground mask (use_mask_for_norm), "
-                         "which needs the whole volume in memory; CryoMamba does not support it",
-                         hint="use a model trained with use_mask_for_norm false")
+        raise ModelError(
+            "the model normalizes inside a foreground mask (use_mask_for_norm), "
+            "which needs the whole volume in memory; CryoMamba does not support it",
+            hint="use a model trained with use_mask_for_norm false",
+        )
     if scheme == "ZScoreNormalization":
         mean = np.float32(scan.mean)
         std = np.float32(max(np.float32(scan.std), EPS))
@@ -128,7 +142,9 @@ def make_normalizer(scheme: str, scan: IntensityScan, properties: dict[str, floa
             lower, upper = properties["percentile_00_5"], properties["percentile_99_5"]
             mean_i, std_i = properties["mean"], properties["std"]
         except KeyError as exc:
-            raise ModelError(f"CTNormalization needs intensity property {exc} in plans.json") from None
+            raise ModelError(
+                f"CTNormalization needs intensity property {exc} in plans.json"
+            ) from None
 
         def ct(block: np.ndarray) -> np.ndarray:
             np.clip(block, lower, upper, out=block)
@@ -148,6 +164,7 @@ def make_normalizer(scheme: str, scan: IntensityScan, properties: dict[str, floa
 
         return rescale
     if scheme == "RGBTo01Normalization":
+
         def rgb(block: np.ndarray) -> np.ndarray:
             block /= 255.0
             return block

@@ -53,8 +53,15 @@ class _Row:
 class StreamingPredictor:
     """Run a `TrainedModel` over a ZYX volume of any size with memory bounded by one tile slab."""
 
-    def __init__(self, model: TrainedModel, *, tile_step: float = 0.5, mirroring: bool = False,
-                 tile_batch: int = 1, fp16: bool = True) -> None:
+    def __init__(
+        self,
+        model: TrainedModel,
+        *,
+        tile_step: float = 0.5,
+        mirroring: bool = False,
+        tile_batch: int = 1,
+        fp16: bool = True,
+    ) -> None:
         self.model = model
         self.tile_step = tile_step
         self.mirroring = mirroring and bool(model.mirror_axes)
@@ -65,15 +72,27 @@ class StreamingPredictor:
     def plan(self, shape: tuple[int, int, int]) -> TileGrid:
         """The tile grid for an uncropped volume of `shape` (an upper bound on the work)."""
         tf = self.model.transpose_forward
-        return TileGrid.build(tuple(shape[i] for i in tf), self.model.patch_size,  # type: ignore[arg-type]
-                              self.tile_step)
+        return TileGrid.build(
+            tuple(shape[i] for i in tf),
+            self.model.patch_size,  # type: ignore[arg-type]
+            self.tile_step,
+        )
 
     @torch.inference_mode()
-    def predict(self, data: np.ndarray, *, out: np.ndarray | None = None,
-                on_progress: ProgressFn | None = None, on_planes: PlanesFn | None = None,
-                cancel: threading.Event | None = None, release: ReleaseFn | None = None,
-                scan: IntensityScan | None = None) -> np.ndarray:
-        """Segment `data` (Z, Y, X) into `out` (uint8, same shape), returning `out`.
+    def predict(
+        self,
+        data: np.ndarray,
+        *,
+        out: np.ndarray | None = None,
+        on_progress: ProgressFn | None = None,
+        on_planes: PlanesFn | None = None,
+        cancel: threading.Event | None = None,
+        release: ReleaseFn | None = None,
+        scan: IntensityScan | None = None,
+    ) -> np.ndarray:
+        """Segment `data` (Z, Y, X) into `out` (zero-filled uint8, same shape), returning `out`.
+
+        Voxels outside the bounding box of non-zero input stay 0 (background), as in nnU-Net.
 
         `on_progress(tiles_done, tiles_total)` after each tile batch; `on_planes(z0, z1)` when
         output planes z0..z1 (source coordinates) are final — they are finished in increasing
@@ -85,34 +104,41 @@ class StreamingPredictor:
         if out is None:
             out = np.zeros(data.shape, dtype=np.uint8)
         elif out.shape != data.shape or out.dtype != np.uint8:
-            raise ValueError(f"out must be uint8 of shape {data.shape}, got {out.dtype} {out.shape}")
+            raise ValueError(
+                f"out must be uint8 of shape {data.shape}, got {out.dtype} {out.shape}"
+            )
         if self.model.num_classes > 255:
             raise InvalidVolumeError("models with more than 255 labels are not supported")
         scan = scan or scan_intensities(data, release=release)
-        normalize = make_normalizer(self.model.normalization, scan, self.model.intensity_properties,
-                                    self.model.use_mask_for_norm)
+        normalize = make_normalizer(
+            self.model.normalization,
+            scan,
+            self.model.intensity_properties,
+            self.model.use_mask_for_norm,
+        )
         tf = self.model.transpose_forward
         region = data[scan.bbox_slices].transpose(tf)
         out_region = out[scan.bbox_slices].transpose(tf)
-        if any(s < o for s, o in zip(out.shape, data.shape)):  # pragma: no cover - checked above
-            raise AssertionError
-        # planes outside the non-zero box are background, as in nnU-Net
-        z0b, z1b = scan.bbox[0]
-        if not (scan.bbox_shape == out.shape):
-            out[:z0b] = 0
-            out[z1b:] = 0
         grid = TileGrid.build(region.shape, self.model.patch_size, self.tile_step)
-        log.info("tiling %s (cropped from %s) into %d tiles of %s, %d per z-row",
-                 region.shape, data.shape, grid.n_tiles, grid.patch, grid.tiles_per_row)
+        log.info(
+            "tiling %s (cropped from %s) into %d tiles of %s, %d per z-row",
+            region.shape,
+            data.shape,
+            grid.n_tiles,
+            grid.patch,
+            grid.tiles_per_row,
+        )
         zmap = _ZMap(tf, scan.bbox[tf.index(0)][0], data.shape[0])
         try:
-            self._run(region, out_region, grid, normalize, on_progress, cancel, release, zmap,
-                      on_planes)
+            self._run(
+                region, out_region, grid, normalize, on_progress, cancel, release, zmap, on_planes
+            )
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory(
                 f"the GPU ran out of memory: {str(exc).splitlines()[0]}",
-                hint="use tile_batch=1, turn mirroring (TTA) off, close other GPU jobs, or run on a "
-                     "GPU with more memory; device='cpu' always works, slowly") from None
+                hint="use tile_batch=1, turn mirroring (TTA) off, close other GPU jobs, or run on "
+                "a GPU with more memory; device='cpu' always works, slowly",
+            ) from None
         finally:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -121,17 +147,28 @@ class StreamingPredictor:
         return out
 
     # -- the loop -------------------------------------------------------------------------------
-    def _run(self, region, out_region, grid: TileGrid, normalize, on_progress, cancel, release,
-             zmap, on_planes) -> None:
+    def _run(
+        self,
+        region,
+        out_region,
+        grid: TileGrid,
+        normalize,
+        on_progress,
+        cancel,
+        release,
+        zmap,
+        on_planes,
+    ) -> None:
         from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
         device = self.device
         pz, py, px = grid.patch
-        Pz, Py, Px = grid.padded
+        _, Py, Px = grid.padded
         n_folds = len(self.model.networks)
         n_classes = self.model.num_classes
-        gaussian = compute_gaussian(grid.patch, sigma_scale=1.0 / 8, value_scaling_factor=10,
-                                    device=device)
+        gaussian = compute_gaussian(
+            grid.patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device
+        )
         logits = torch.zeros((n_folds, n_classes, pz, Py, Px), dtype=torch.half, device=device)
         weights = torch.zeros((pz, Py, Px), dtype=torch.half, device=device)
         base = 0  # padded z of logits[:, :, 0]
@@ -144,7 +181,9 @@ class StreamingPredictor:
             for batch in _batched(tiles, self.tile_batch):
                 if cancel is not None and cancel.is_set():
                     raise Canceled
-                x = np.stack([row_input.planes[None, :, y:y + py, xx:xx + px] for y, xx in batch])
+                x = np.stack(
+                    [row_input.planes[None, :, y : y + py, xx : xx + px] for y, xx in batch]
+                )
                 xt = torch.from_numpy(x)
                 if device.type == "cuda":
                     xt = xt.pin_memory().to(device, non_blocking=True)
@@ -154,17 +193,18 @@ class StreamingPredictor:
                     for i, (y, xx) in enumerate(batch):
                         p = pred[i].to(device)
                         p *= gaussian
-                        logits[f, :, z - base:z - base + pz, y:y + py, xx:xx + px] += p
+                        logits[f, :, z - base : z - base + pz, y : y + py, xx : xx + px] += p
                 for y, xx in batch:
-                    weights[z - base:z - base + pz, y:y + py, xx:xx + px] += gaussian
+                    weights[z - base : z - base + pz, y : y + py, xx : xx + px] += gaussian
                 done += len(batch)
                 if on_progress is not None:
                     on_progress(done, total)
             end = grid.final_plane(row)
             self._finalize(logits, weights, base, end, grid, out_region, n_folds)
             if on_planes is not None and not zmap.transposed_z:
-                lo, hi = zmap.source_span(base - grid.pad_below[0], end - grid.pad_below[0],
-                                          grid.shape[0])
+                lo, hi = zmap.source_span(
+                    base - grid.pad_below[0], end - grid.pad_below[0], grid.shape[0]
+                )
                 if hi > lo:
                     on_planes(lo, hi)
             shift = end - base
@@ -187,8 +227,9 @@ class StreamingPredictor:
             prediction /= len(combos) + 1
         return prediction
 
-    def _row_input(self, region, grid: TileGrid, z: int, normalize, previous: _Row | None,
-                   release, zmap) -> _Row:
+    def _row_input(
+        self, region, grid: TileGrid, z: int, normalize, previous: _Row | None, release, zmap
+    ) -> _Row:
         """Normalized, zero-padded input planes [z, z + pz) for one z-row; reuses the overlap."""
         pz = grid.patch[0]
         (bz, by, bx), (sz, sy, sx) = grid.pad_below, grid.shape
@@ -196,7 +237,7 @@ class StreamingPredictor:
         start = z
         if previous is not None and previous.z0 + pz > z:
             overlap = previous.z0 + pz - z
-            planes[:overlap] = previous.planes[z - previous.z0:]
+            planes[:overlap] = previous.planes[z - previous.z0 :]
             start = z + overlap
         src0, src1 = max(start - bz, 0), min(z + pz - bz, sz)
         if src1 > src0:
@@ -204,7 +245,7 @@ class StreamingPredictor:
             if block.base is not None or not block.flags.writeable:
                 block = np.array(block, dtype=np.float32)
             normalize(block)
-            planes[src0 + bz - z:src1 + bz - z, by:by + sy, bx:bx + sx] = block
+            planes[src0 + bz - z : src1 + bz - z, by : by + sy, bx : bx + sx] = block
             if release is not None and not zmap.transposed_z:
                 release(*zmap.source_span(src0, src1, sz))
         return _Row(z0=z, planes=planes)
@@ -215,18 +256,20 @@ class StreamingPredictor:
         lo, hi = max(base, bz), min(end, bz + sz)
         if hi <= lo:
             return
-        w = weights[lo - base:hi - base]
-        pred = torch.div(logits[0, :, lo - base:hi - base], w)
+        w = weights[lo - base : hi - base]
+        pred = torch.div(logits[0, :, lo - base : hi - base], w)
         for f in range(1, n_folds):
-            pred += torch.div(logits[f, :, lo - base:hi - base], w)
+            pred += torch.div(logits[f, :, lo - base : hi - base], w)
         if n_folds > 1:
             pred /= n_folds
         if torch.any(torch.isinf(pred)):
-            raise CryoMambaError("the network produced infinite logits",
-                                 hint="the model may be broken or the input far outside its "
-                                      "training range", code="numerical_overflow")
-        labels = pred[:, :, by:by + sy, bx:bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
-        out_region[lo - bz:hi - bz] = labels
+            raise CryoMambaError(
+                "the network produced infinite logits",
+                hint="the model may be broken or the input far outside its training range",
+                code="numerical_overflow",
+            )
+        labels = pred[:, :, by : by + sy, bx : bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
+        out_region[lo - bz : hi - bz] = labels
 
 
 class _ZMap:
@@ -257,7 +300,7 @@ class _autocast:
 
 def _batched(items: list, n: int):
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 def eta(start: float, done: int, total: int) -> float | None:

@@ -15,23 +15,28 @@ __all__ = ["TileGrid"]
 class TileGrid:
     """Where the tiles go: padded shape, padding below, and step starts per axis."""
 
-    shape: tuple[int, int, int]          # the image region being tiled (after cropping)
+    shape: tuple[int, int, int]  # the image region being tiled (after cropping)
     patch: tuple[int, int, int]
     padded: tuple[int, int, int]
     pad_below: tuple[int, int, int]
     steps: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
     @classmethod
-    def build(cls, shape: tuple[int, int, int], patch: tuple[int, int, int],
-              tile_step: float) -> TileGrid:
+    def build(
+        cls, shape: tuple[int, int, int], patch: tuple[int, int, int], tile_step: float
+    ) -> TileGrid:
         from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
         padded = tuple(max(s, p) for s, p in zip(shape, patch))
         pad_below = tuple((p - s) // 2 for s, p in zip(shape, padded))
         steps = compute_steps_for_sliding_window(padded, patch, tile_step)
-        return cls(shape=tuple(shape), patch=tuple(patch), padded=padded,  # type: ignore[arg-type]
-                   pad_below=pad_below,  # type: ignore[arg-type]
-                   steps=tuple(tuple(int(s) for s in axis) for axis in steps))  # type: ignore[arg-type]
+        return cls(
+            shape=tuple(shape),
+            patch=tuple(patch),
+            padded=padded,  # type: ignore[arg-type]
+            pad_below=pad_below,  # type: ignore[arg-type]
+            steps=tuple(tuple(int(s) for s in axis) for axis in steps),
+        )  # type: ignore[arg-type]
 
     @property
     def tiles_per_row(self) -> int:

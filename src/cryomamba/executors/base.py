@@ -32,8 +32,9 @@ def get_executor(name: str | Executor, **options: Any) -> Executor:
 
     registry = plugins.executors()
     if name not in registry:
-        raise ConfigError(f"unknown executor {name!r}",
-                          hint=f"available: {', '.join(registry.names())}")
+        raise ConfigError(
+            f"unknown executor {name!r}", hint=f"available: {', '.join(registry.names())}"
+        )
     key = (name, tuple(sorted(options.items())))
     if key not in _shared:
         _shared[key] = registry.get(name)(**options)

@@ -56,8 +56,9 @@ class _ModelCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        model = TrainedModel.load(spec.path, folds=config.folds, checkpoint=config.checkpoint,
-                                  device=device)
+        model = TrainedModel.load(
+            spec.path, folds=config.folds, checkpoint=config.checkpoint, device=device
+        )
         with self._lock:
             self._items[key] = model
             while len(self._items) > self.size:
@@ -84,19 +85,27 @@ class _PreviewBuilder:
         blocks = math.ceil(full / self.scale)
         if blocks > self.blocks_done:
             z0 = self.blocks_done * self.scale
-            self.small[self.blocks_done:blocks] = downsample_labels(self.labels[z0:full], self.scale)
+            self.small[self.blocks_done : blocks] = downsample_labels(
+                self.labels[z0:full], self.scale
+            )
             self.blocks_done = blocks
 
     def event(self) -> Preview:
-        return Preview(scale=self.scale, shape=tuple(self.labels.shape),  # type: ignore[arg-type]
-                       labels=self.small.copy(), planes_done=self.planes_done)
+        return Preview(
+            scale=self.scale,
+            shape=tuple(self.labels.shape),  # type: ignore[arg-type]
+            labels=self.small.copy(),
+            planes_done=self.planes_done,
+        )
 
 
 class LocalExecutor:
     """Runs jobs in-process on a worker thread (`max_workers` at a time, 1 by default)."""
 
     def __init__(self, *, max_workers: int = 1, model_cache_size: int = 2) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cryomamba-local")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="cryomamba-local"
+        )
         self._models = _ModelCache(model_cache_size)
 
     def submit(self, source: Any, config: JobConfig, sinks: Sequence[Any] = ()) -> Job:
@@ -124,16 +133,27 @@ class LocalExecutor:
         except _CanceledSignal:
             job.emit(Canceled())
         except CryoMambaError as exc:
-            job.emit(Failed(code=exc.code, message=exc.message, hint=exc.hint,
-                            retryable=exc.retryable))
+            job.emit(
+                Failed(code=exc.code, message=exc.message, hint=exc.hint, retryable=exc.retryable)
+            )
         except MemoryError:
-            job.emit(Failed(code="out_of_memory", message="the machine ran out of memory",
-                            hint="close other programs or run on a machine with more RAM",
-                            retryable=True))
+            job.emit(
+                Failed(
+                    code="out_of_memory",
+                    message="the machine ran out of memory",
+                    hint="close other programs or run on a machine with more RAM",
+                    retryable=True,
+                )
+            )
         except Exception as exc:  # the job must end with an event whatever happens
             log.exception("job %s failed", job.id)
-            job.emit(Failed(code="internal_error", message=f"{type(exc).__name__}: {exc}",
-                            hint="this is a bug in CryoMamba; please report it with the log"))
+            job.emit(
+                Failed(
+                    code="internal_error",
+                    message=f"{type(exc).__name__}: {exc}",
+                    hint="this is a bug in CryoMamba; please report it with the log",
+                )
+            )
         else:
             if job.cancel_requested.is_set():
                 job.emit(Canceled())
@@ -151,8 +171,13 @@ class LocalExecutor:
         spec = resolve_model(config.model)
         device = resolve_device(config.device)
         model = self._models.get(spec, config, device)
-        predictor = StreamingPredictor(model, tile_step=config.tile_step, mirroring=config.mirroring,
-                                       tile_batch=config.tile_batch, fp16=config.fp16)
+        predictor = StreamingPredictor(
+            model,
+            tile_step=config.tile_step,
+            mirroring=config.mirroring,
+            tile_batch=config.tile_batch,
+            fp16=config.fp16,
+        )
         _warn_spacing(volume, model)
         labels = np.zeros(volume.shape, dtype=np.uint8)
         preview = _PreviewBuilder(labels, config.preview_scale)
@@ -160,8 +185,14 @@ class LocalExecutor:
         last_preview = [start]
 
         def on_progress(done: int, total: int) -> None:
-            job.emit(Progress(fraction=done / total, tiles_done=done, tiles_total=total,
-                              eta_s=eta(start, done, total)))
+            job.emit(
+                Progress(
+                    fraction=done / total,
+                    tiles_done=done,
+                    tiles_total=total,
+                    eta_s=eta(start, done, total),
+                )
+            )
 
         def on_planes(z0: int, z1: int) -> None:
             interval = config.preview_interval_s
@@ -172,21 +203,41 @@ class LocalExecutor:
                 last_preview[0] = now
 
         try:
-            predictor.predict(volume.data, out=labels, on_progress=on_progress, on_planes=on_planes,
-                              cancel=job.cancel_requested, release=volume.release)
+            predictor.predict(
+                volume.data,
+                out=labels,
+                on_progress=on_progress,
+                on_planes=on_planes,
+                cancel=job.cancel_requested,
+                release=volume.release,
+            )
         except EngineCanceled:
             raise _CanceledSignal from None
         provenance = {
-            "model": {"name": spec.name, "path": str(spec.path), "sha256": spec.checksum(),
-                      "folds": list(model.folds)},
+            "model": {
+                "name": spec.name,
+                "path": str(spec.path),
+                "sha256": spec.checksum(),
+                "folds": list(model.folds),
+            },
             "config": config.to_dict(),
             "device": str(device),
-            "source": {"path": str(volume.path) if volume.path else None,
-                       "sha256": volume.checksum(), "shape": list(volume.shape)},
+            "source": {
+                "path": str(volume.path) if volume.path else None,
+                "sha256": volume.checksum(),
+                "shape": list(volume.shape),
+            },
             "seconds": round(time.monotonic() - start, 3),
         }
-        return Segmentation(labels=labels, voxel_size=volume.voxel_size, origin=volume.origin,
-                            label_names=model.label_names, provenance=provenance, image=volume.data)
+        return Segmentation(
+            labels=labels,
+            voxel_size=volume.voxel_size,
+            origin=volume.origin,
+            label_names=model.label_names,
+            provenance=provenance,
+            image=volume.data,
+            header=volume.header,
+        )
 
 
 class _CanceledSignal(Exception):
@@ -197,9 +248,12 @@ def _warn_spacing(volume: Volume, model) -> None:
     """The engine does not resample: say so when the voxel size is far from the model's."""
     ratio = [v / m for v, m in zip(volume.voxel_size, model.spacing) if m > 0]
     if ratio and any(r < 0.8 or r > 1.25 for r in ratio):
-        log.warning("voxel size %s Å differs from the model's %s Å by more than 25%%; CryoMamba "
-                    "does not resample, so results may suffer: bin or rescale the tomogram first",
-                    volume.voxel_size, model.spacing)
+        log.warning(
+            "voxel size %s Å differs from the model's %s Å by more than 25%%; CryoMamba "
+            "does not resample, so results may suffer: bin or rescale the tomogram first",
+            volume.voxel_size,
+            model.spacing,
+        )
 
 
 @hookimpl

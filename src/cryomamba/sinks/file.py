@@ -23,11 +23,15 @@ def check_writable(folder: Path) -> None:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise OutputError(f"cannot write into {folder}: {probe} is a file, not a folder",
-                          hint="choose another output folder")
+        raise OutputError(
+            f"cannot write into {folder}: {probe} is a file, not a folder",
+            hint="choose another output folder",
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write into {folder}: {probe} is not writable",
-                          hint="choose a folder you can write to, or fix its permissions")
+        raise OutputError(
+            f"cannot write into {folder}: {probe} is not writable",
+            hint="choose a folder you can write to, or fix its permissions",
+        )
 
 
 class FileSink:

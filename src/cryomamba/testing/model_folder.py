@@ -13,10 +13,15 @@ from typing import Any
 
 __all__ = ["make_model_folder", "plans_for"]
 
+PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 
-def plans_for(patch_size: Sequence[int] = (32, 32, 32), features: Sequence[int] = (8, 16, 32),
-              spacing: Sequence[float] = (10.0, 10.0, 10.0),
-              normalization: str = "ZScoreNormalization") -> dict[str, Any]:
+
+def plans_for(
+    patch_size: Sequence[int] = (32, 32, 32),
+    features: Sequence[int] = (8, 16, 32),
+    spacing: Sequence[float] = (10.0, 10.0, 10.0),
+    normalization: str = "ZScoreNormalization",
+) -> dict[str, Any]:
     """An nnU-Net v2 plans.json for a PlainConvUNet with one stage per entry of `features`."""
     n = len(features)
     arch_kwargs = {
@@ -55,16 +60,27 @@ def plans_for(patch_size: Sequence[int] = (32, 32, 32), features: Sequence[int] 
                 "use_mask_for_norm": [False],
                 "resampling_fn_data": "resample_data_or_seg_to_shape",
                 "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0,
-                                              "force_separate_z": None},
-                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0,
-                                             "force_separate_z": None},
+                "resampling_fn_data_kwargs": {
+                    "is_seg": False,
+                    "order": 3,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
+                "resampling_fn_seg_kwargs": {
+                    "is_seg": True,
+                    "order": 1,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
                 "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                       "force_separate_z": None},
+                "resampling_fn_probabilities_kwargs": {
+                    "is_seg": False,
+                    "order": 1,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
                 "architecture": {
-                    "network_class_name":
-                        "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "network_class_name": PLAIN_UNET,
                     "arch_kwargs": arch_kwargs,
                     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
                 },
@@ -74,20 +90,32 @@ def plans_for(patch_size: Sequence[int] = (32, 32, 32), features: Sequence[int] 
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
-            "0": {"max": 3.0, "mean": 0.0, "median": 0.0, "min": -3.0, "percentile_00_5": -2.5,
-                  "percentile_99_5": 2.5, "std": 1.0}
+            "0": {
+                "max": 3.0,
+                "mean": 0.0,
+                "median": 0.0,
+                "min": -3.0,
+                "percentile_00_5": -2.5,
+                "percentile_99_5": 2.5,
+                "std": 1.0,
+            }
         },
     }
 
 
-def make_model_folder(path: str | Path, *, labels: Sequence[str] = ("background", "membrane"),
-                      folds: Sequence[int] = (0,), seed: int = 0,
-                      patch_size: Sequence[int] = (32, 32, 32),
-                      features: Sequence[int] = (8, 16, 32),
-                      spacing: Sequence[float] = (10.0, 10.0, 10.0),
-                      normalization: str = "ZScoreNormalization",
-                      mirror_axes: Sequence[int] = (0, 1, 2),
-                      checkpoint: str = "checkpoint_final.pth") -> Path:
+def make_model_folder(
+    path: str | Path,
+    *,
+    labels: Sequence[str] = ("background", "membrane"),
+    folds: Sequence[int] = (0,),
+    seed: int = 0,
+    patch_size: Sequence[int] = (32, 32, 32),
+    features: Sequence[int] = (8, 16, 32),
+    spacing: Sequence[float] = (10.0, 10.0, 10.0),
+    normalization: str = "ZScoreNormalization",
+    mirror_axes: Sequence[int] = (0, 1, 2),
+    checkpoint: str = "checkpoint_final.pth",
+) -> Path:
     """Write plans.json, dataset.json and fold_N/<checkpoint> with seeded random weights."""
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -95,22 +123,41 @@ def make_model_folder(path: str | Path, *, labels: Sequence[str] = ("background"
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     plans = plans_for(patch_size, features, spacing, normalization)
-    dataset = {"channel_names": {"0": "cryo-ET"},
-               "labels": {name: i for i, name in enumerate(labels)},
-               "numTraining": 1, "file_ending": ".nii.gz", "name": "CryoTest"}
+    dataset = {
+        "channel_names": {"0": "cryo-ET"},
+        "labels": {name: i for i, name in enumerate(labels)},
+        "numTraining": 1,
+        "file_ending": ".nii.gz",
+        "name": "CryoTest",
+    }
     (path / "plans.json").write_text(json.dumps(plans, indent=2))
     (path / "dataset.json").write_text(json.dumps(dataset, indent=2))
     arch = plans["configurations"]["3d_fullres"]["architecture"]
     for fold in folds:
         torch.manual_seed(seed * 1000 + fold)
-        net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
-                                     arch["_kw_requires_import"], 1, len(labels),
-                                     deep_supervision=False)
+        net = get_network_from_plans(
+            arch["network_class_name"],
+            arch["arch_kwargs"],
+            arch["_kw_requires_import"],
+            1,
+            len(labels),
+            deep_supervision=False,
+        )
         (path / f"fold_{fold}").mkdir(exist_ok=True)
-        torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
-                    "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold,
-                                  "dataset_json": dataset, "device": "cpu"},
-                    "inference_allowed_mirroring_axes": list(mirror_axes),
-                    "current_epoch": 0},
-                   path / f"fold_{fold}" / checkpoint)
+        torch.save(
+            {
+                "network_weights": net.state_dict(),
+                "trainer_name": "nnUNetTrainer",
+                "init_args": {
+                    "plans": plans,
+                    "configuration": "3d_fullres",
+                    "fold": fold,
+                    "dataset_json": dataset,
+                    "device": "cpu",
+                },
+                "inference_allowed_mirroring_axes": list(mirror_axes),
+                "current_epoch": 0,
+            },
+            path / f"fold_{fold}" / checkpoint,
+        )
     return path

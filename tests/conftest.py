@@ -1,0 +1,59 @@
+"""Shared fixtures: small real nnU-Net model folders, volumes on disk, plugin isolation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("nnUNet_def_n_proc", "2")  # before anything imports nnU-Net
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+REAL_MRC = DATA / "real-mrc"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A real nnU-Net v2 model folder: 3-stage PlainConvUNet, 16³ patch, random weights, 1 fold."""
+    from cryomamba.testing import make_model_folder
+
+    return make_model_folder(
+        tmp_path_factory.mktemp("models") / "tiny",
+        patch_size=(16, 16, 16),
+        features=(4, 8, 16),
+        seed=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_3class_2folds(tmp_path_factory) -> Path:
+    """Three labels, two folds (an ensemble), anisotropic 12×16×16 patch."""
+    from cryomamba.testing import make_model_folder
+
+    return make_model_folder(
+        tmp_path_factory.mktemp("models") / "tiny3",
+        patch_size=(12, 16, 16),
+        features=(4, 8),
+        labels=("background", "membrane", "particle"),
+        folds=(0, 1),
+        seed=2,
+    )
+
+
+@pytest.fixture
+def noise_volume() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(30, 40, 36)).astype(np.float32)
+
+
+@pytest.fixture
+def mrc_file(tmp_path, noise_volume) -> Path:
+    import mrcfile
+
+    path = tmp_path / "tomo.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(noise_volume)
+        mrc.voxel_size = (10.0, 10.0, 10.0)
+        mrc.header.origin = (100.0, 200.0, 300.0)
+    return path

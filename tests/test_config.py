@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from cryomamba import ConfigError, JobConfig
+
+
+def test_defaults_are_valid_and_round_trip_through_json():
+    cfg = JobConfig(model="demo-membrane", folds=[0, 2], formats=["mrc", "stats"], tile_step=0.25)
+    assert cfg.folds == (0, 2) and cfg.formats == ("mrc", "stats")
+    again = JobConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert JobConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        JobConfig().tile_step = 0.3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("changes", "phrase"),
+    [
+        ({"tile_step": 0}, "tile_step"),
+        ({"tile_step": 1.5}, "tile_step"),
+        ({"tile_step": "half"}, "tile_step"),
+        ({"device": "gpu"}, "device"),
+        ({"device": "cuda:x"}, "device"),
+        ({"tile_batch": 0}, "tile_batch"),
+        ({"tile_batch": True}, "tile_batch"),
+        ({"preview_scale": 9}, "preview_scale"),
+        ({"preview_interval_s": -1}, "preview_interval_s"),
+        ({"formats": ["mrc", "tiff"]}, "tiff"),
+        ({"folds": [0, 0]}, "repeat"),
+        ({"folds": [-1]}, "folds"),
+        ({"model": ""}, "model"),
+        ({"checkpoint": "latest.pth"}, "checkpoint"),
+        ({"mirroring": "yes"}, "mirroring"),
+    ],
+)
+def test_invalid_values_are_refused_with_the_field_named(changes, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        JobConfig(**changes)
+
+
+def test_unknown_keys_and_bad_json_are_clear_errors():
+    with pytest.raises(ConfigError, match="unknown config key.*tile_size") as info:
+        JobConfig.from_dict({"tile_size": 3})
+    assert "tile_step" in info.value.hint
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        JobConfig.from_json("{model: ")
+    with pytest.raises(ConfigError, match="JSON object"):
+        JobConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_replace_validates_again():
+    assert JobConfig().replace(mirroring=True).mirroring is True
+    with pytest.raises(ConfigError):
+        JobConfig().replace(tile_step=2)

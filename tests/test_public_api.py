@@ -1,0 +1,56 @@
+"""The public API is what we say it is, and importing it stays cheap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cryomamba
+
+EXPECTED = {
+    "Canceled",
+    "Completed",
+    "ConfigError",
+    "CryoMambaError",
+    "Event",
+    "Failed",
+    "InvalidVolumeError",
+    "Job",
+    "JobCanceledError",
+    "JobConfig",
+    "JobFailedError",
+    "JobState",
+    "ModelError",
+    "ModelSpec",
+    "OutputError",
+    "Preview",
+    "Progress",
+    "Segmentation",
+    "Volume",
+    "__version__",
+    "available_models",
+    "hookimpl",
+    "resolve_model",
+    "segment",
+    "sinks",
+    "submit",
+}
+
+
+def test_all_is_exactly_the_documented_api():
+    assert set(cryomamba.__all__) == EXPECTED
+    for name in cryomamba.__all__:
+        assert getattr(cryomamba, name) is not None
+
+
+def test_sinks_namespace():
+    assert {"CallbackSink", "FileSink", "Sink", "as_sink"} <= set(cryomamba.sinks.__all__)
+
+
+def test_import_does_not_pull_heavy_packages():
+    code = (
+        "import sys, cryomamba; heavy = [m for m in ('torch', 'nnunetv2', 'napari', 'httpx', "
+        "'skimage', 'nibabel', 'nrrd') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
