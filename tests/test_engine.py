@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import threading
@@ -113,7 +114,7 @@ def test_progress_planes_and_bounded_buffer(tiny_model):
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)
     # planes finish in order, contiguously, before the end of the run
     assert planes[0][0] == 0 and planes[-1][1] == 40
-    assert all(a == b for (_, a), (b, _) in zip(planes, planes[1:]))
+    assert all(a == b for (_, a), (b, _) in itertools.pairwise(planes))
     assert len(planes) == len(grid.steps[0]) > 3
 
 

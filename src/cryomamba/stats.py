@@ -5,14 +5,28 @@ a 10 GB tomogram is never loaded (or widened to int64) whole:
 
 - **Volume** is voxel count × voxel volume, in nm³ (voxel size is given in Å, 1 nm = 10 Å).
 - **Surface area** comes from a mesh, not from counting voxel faces (which overestimates a
-  smooth surface by up to 50 %): ``skimage.measure.marching_cubes`` at level 0.5 on the
-  binary mask of the label, padded by one voxel of background so that objects touching the
-  volume's edge get a closed surface, with ``spacing`` = voxel size in nm, and
-  ``mesh_surface_area`` of the result. Consecutive slabs share one plane, so every marching
-  cube (a 2×2×2 block spanning planes k and k+1) belongs to exactly one slab; only the
-  global z ends are padded. Marching cubes builds each cube's triangles from that cube's
-  eight corners alone, so the slab areas add up to the whole-volume area. On a binary
-  mask the mesh is faceted: a voxelised sphere comes out 8-9 % above 4πr² at any radius.
+  smooth surface by up to 50 %). ``skimage.measure.marching_cubes`` at level 0.5 on the
+  binary mask of the label (padded with background at the volume's ends, so that objects
+  touching the edge get a closed surface) puts every vertex on an edge midpoint, so its
+  mesh is a staircase: a voxelised sphere comes out 8-9 % above 4πr² at any radius
+  (+8.9 % at r = 10, 20, 40 voxels; +11.8 % for a sphere sampled with 2:1:1 voxels).
+  The mask itself is not blurred (a 1-voxel membrane would vanish); instead the mesh's
+  vertices get ``_TAUBIN_ITERATIONS`` rounds of Taubin λ|μ smoothing (G. Taubin, "A signal
+  processing approach to fair surface design", SIGGRAPH 1995), λ = 0.5, μ = -0.53, with
+  uniform weights over the mesh's edges (a ``scipy.sparse`` adjacency). It is a low-pass
+  filter that removes the staircase without the shrinkage of plain Laplacian smoothing,
+  and its weights do not depend on positions, so it commutes with the voxel-size scaling.
+  Measured against 4πr² (isotropic voxels): +1.4 % at r = 10, +1.1 % at r = 20, +1.1 % at
+  r = 40; +1.4 % for the 2:1:1 sphere. Flat faces stay flat: a 1-voxel sheet keeps both
+  sides (+0.7 % over 2× its extent at 30×30); a box only has its marching-cubes chamfers
+  rounded (-2.4 % for a 7×6×5 box, -0.9 % for a 20³ box, against the unsmoothed mesh).
+- **Slabs.** Each smoothing step moves a vertex towards its mesh neighbours, which lie at
+  most one plane away, so after n steps a vertex depends on the mask within n planes. Each
+  slab is therefore meshed with ``_MARGIN`` = 2 × iterations + 2 extra planes of context on
+  both sides (read once: consecutive slabs keep the planes they share in a rolling buffer),
+  and only the triangles whose *unsmoothed* centroid lies in the slab's own planes are
+  counted (3 z = sum of the corner z's, compared exactly, so each triangle is owned by
+  exactly one slab). The slab areas add up to the whole-volume area up to rounding.
 - **Components** are 26-connected (``scipy.ndimage.label``), labelled per slab; the shared
   plane holds the same voxels in both slabs, and slab-local components that share a voxel
   are merged (the union-find step, done as connected components of the graph of shared
@@ -39,6 +53,10 @@ __all__ = ["label_stats"]
 logger = logging.getLogger(__name__)
 
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+_TAUBIN_LAMBDA = 0.5
+_TAUBIN_MU = -0.53
+_TAUBIN_ITERATIONS = 10  # λ|μ pairs: 20 steps, each reaching one more plane away
+_MARGIN = 2 * _TAUBIN_ITERATIONS + 2  # planes of context on each side of a slab
 
 
 def check_voxel_size(voxel_size: Sequence[float]) -> tuple[float, float, float]:
@@ -80,26 +98,81 @@ def _plane_counts(plane: np.ndarray, z: int) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(plane, return_counts=True)
 
 
-def _surface_area(mask: np.ndarray, is_first: bool, is_last: bool, spacing: tuple) -> float:
-    """Mesh area of one label inside one slab; pads y/x always, z only at the global ends."""
+def _extended_slabs(
+    labels: Any, nz: int, chunk_planes: int
+) -> Iterator[tuple[int, int, bool, bool, int, np.ndarray]]:
+    """Yield ``(start, stop, is_first, is_last, lo, planes)``: planes ``lo..`` hold the slab
+    ``start..stop`` and up to ``_MARGIN`` planes of context on each side; each is read once."""
+    buf: np.ndarray | None = None
+    buf_lo = 0
+    for start, stop, is_first, is_last in _slabs(nz, chunk_planes):
+        lo, hi = max(0, start - _MARGIN), min(nz - 1, stop + _MARGIN)
+        if buf is None:
+            buf = np.asarray(labels[lo : hi + 1])
+        else:
+            new_from = buf_lo + buf.shape[0]  # slabs only move up: lo >= buf_lo, lo <= new_from
+            keep = buf[lo - buf_lo :]
+            if new_from <= hi:
+                buf = np.concatenate([keep, np.asarray(labels[new_from : hi + 1])])
+            else:
+                buf = keep
+        buf_lo = lo
+        yield start, stop, is_first, is_last, lo, buf
+
+
+def _taubin(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Taubin λ|μ smoothing of a triangle mesh with uniform weights over its edges."""
+    from scipy.sparse import csr_matrix
+
+    n = verts.shape[0]
+    a = faces.ravel()
+    b = faces[:, [1, 2, 0]].ravel()
+    ones = np.ones(2 * a.size, np.float32)
+    adj = csr_matrix((ones, (np.concatenate([a, b]), np.concatenate([b, a]))), shape=(n, n))
+    adj.data[:] = 1.0  # an edge shared by two triangles was summed twice
+    degree = np.diff(adj.indptr).astype(np.float64)
+    inv_degree = (1.0 / np.maximum(degree, 1.0))[:, None]
+    out = verts.astype(np.float64)
+    for _ in range(_TAUBIN_ITERATIONS):
+        for factor in (_TAUBIN_LAMBDA, _TAUBIN_MU):
+            out += factor * ((adj @ out) * inv_degree - out)
+    return out
+
+
+def _surface_area(
+    planes: np.ndarray, lo: int, own: tuple[float, float], nz: int, spacing: tuple
+) -> float:
+    """Smoothed-mesh area of the triangles owned by one slab (see the module docstring).
+
+    `planes` is the binary mask of one label over global planes ``lo..``; a triangle is
+    owned when the sum of its unsmoothed corner z's (global, in voxels) is in ``own``
+    (half-open; ±inf at the volume's ends).
+    """
     from skimage.measure import marching_cubes, mesh_surface_area
 
-    zs, ys, xs = (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    zs, ys, xs = (np.flatnonzero(planes.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
     z0, z1, y0, y1, x0, x1 = zs[0], zs[-1], ys[0], ys[-1], xs[0], xs[-1]
-    # Outside the bounding box the mask is background, so a zero plane stands in for it;
-    # a plane shared with a neighbouring slab is not padded (its cubes belong there).
-    pad_lo = 1 if (z0 > 0 or is_first) else 0
-    pad_hi = 1 if (z1 < mask.shape[0] - 1 or is_last) else 0
-    crop = mask[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1]
+    # Outside the bounding box the mask is background, so a zero plane stands in for it; a
+    # cut through the object at a margin's end stays open (it is too far to matter).
+    pad_lo = 1 if (z0 > 0 or lo == 0) else 0
+    pad_hi = 1 if (z1 < planes.shape[0] - 1 or lo + z1 == nz - 1) else 0
+    crop = planes[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1]
     vol = np.zeros(
         (crop.shape[0] + pad_lo + pad_hi, crop.shape[1] + 2, crop.shape[2] + 2), np.float32
     )
     vol[pad_lo : pad_lo + crop.shape[0], 1:-1, 1:-1] = crop
-    verts, faces, _, _ = marching_cubes(vol, level=0.5, spacing=spacing)
-    verts = verts.astype(np.float64)
+    verts, faces, _, _ = marching_cubes(vol, level=0.5)
+    del vol
+    # Vertices sit on edge midpoints (multiples of 0.5), so these sums are exact.
+    z_sum = verts[:, 0].astype(np.float64)[faces].sum(axis=1) + 3.0 * (lo + z0 - pad_lo)
+    owned = faces[(z_sum >= own[0]) & (z_sum < own[1])]
+    del z_sum
+    if not len(owned):
+        return 0.0
+    verts = _taubin(verts, faces) * np.asarray(spacing)  # smoothing commutes with scaling
     step = 1 << 18  # faces per call: bounds the (faces, 3, 3) temporaries to ~20 MB
     return sum(
-        float(mesh_surface_area(verts, faces[i : i + step])) for i in range(0, len(faces), step)
+        float(mesh_surface_area(verts, owned[i : i + step])) for i in range(0, len(owned), step)
     )
 
 
@@ -168,8 +241,11 @@ def label_stats(
     areas: dict[int, float] = {}
     components: dict[int, _Components] = {}
     if all(shape):
-        for start, stop, is_first, is_last in _slabs(shape[0], int(chunk_planes)):
-            slab = np.asarray(labels[start : stop + 1])
+        nz = shape[0]
+        for start, stop, is_first, is_last, lo, planes in _extended_slabs(
+            labels, nz, int(chunk_planes)
+        ):
+            slab = planes[start - lo : stop - lo + 1]
             present: set[int] = set()
             for i in range(slab.shape[0]):
                 values, n = _plane_counts(slab[i], start + i)
@@ -178,10 +254,14 @@ def label_stats(
                     for v, c in zip(values.tolist(), n.tolist(), strict=True):
                         if v > 0:
                             counts[v] = counts.get(v, 0) + c
+            # triangles owned by this slab: 3 × centroid z in [start, stop), open at the ends
+            own = (-math.inf if is_first else 3.0 * start, math.inf if is_last else 3.0 * stop)
             for v in sorted(present):
-                mask = slab == v
-                areas[v] = areas.get(v, 0.0) + _surface_area(mask, is_first, is_last, spacing_nm)
-                components.setdefault(v, _Components()).add_slab(mask, start, stop)
+                mask = planes == v
+                area = _surface_area(mask, lo, own, nz, spacing_nm)
+                areas[v] = areas.get(v, 0.0) + area
+                core = mask[start - lo : stop - lo + 1]
+                components.setdefault(v, _Components()).add_slab(core, start, stop)
             logger.debug("label_stats: planes %d..%d of %d done", start, stop, shape[0])
 
     entries = [
