@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("nnUNet_def_n_proc", "2")  # before anything imports nnU-Net
+# Tiny test networks gain nothing from two OpenMP threads, and on a busy 2-core machine
+# spinning OpenMP threads slow each convolution down a hundredfold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .conformance import ExecutorTests, SinkTests
 from .model_folder import make_model_folder
 
-__all__ = ["make_model_folder"]
+__all__ = ["ExecutorTests", "SinkTests", "make_model_folder"]

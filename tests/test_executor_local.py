@@ -1,0 +1,71 @@
+"""The local executor passes the executor conformance suite, plus what is special to it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cryomamba import JobConfig, Volume
+from cryomamba.executors.local import LocalExecutor
+from cryomamba.testing import ExecutorTests
+
+
+class TestLocalExecutor(ExecutorTests):
+    @pytest.fixture
+    def executor(self):
+        ex = LocalExecutor()
+        yield ex
+        ex.close()
+
+    @pytest.fixture
+    def model(self, tiny_model):
+        return tiny_model
+
+    @pytest.fixture
+    def volume_source(self, mrc_file):
+        return mrc_file
+
+
+def test_model_is_loaded_once_for_many_volumes(tiny_model, noise_volume):
+    ex = LocalExecutor()
+    try:
+        cfg = JobConfig(model=str(tiny_model))
+        ex.submit(noise_volume, cfg).result(60)
+        cached = list(ex._models._items.values())
+        ex.submit(noise_volume[:20], cfg).result(60)
+        assert list(ex._models._items.values()) == cached and len(cached) == 1
+    finally:
+        ex.close()
+
+
+def test_arrays_and_volumes_are_accepted(tiny_model, noise_volume):
+    ex = LocalExecutor()
+    try:
+        vol = Volume.from_array(noise_volume, voxel_size=(20.0, 10.0, 10.0), origin=(1.0, 2.0, 3.0))
+        result = ex.submit(vol, JobConfig(model=str(tiny_model))).result(60)
+        assert result.voxel_size == (20.0, 10.0, 10.0) and result.origin == (1.0, 2.0, 3.0)
+        assert ex.submit(noise_volume, JobConfig(model=str(tiny_model))).result(60).shape == (
+            noise_volume.shape
+        )
+    finally:
+        ex.close()
+
+
+def test_bad_source_and_unavailable_device_fail_as_events(tiny_model, tmp_path):
+    ex = LocalExecutor()
+    try:
+        bad = tmp_path / "bad.mrc"
+        bad.write_bytes(b"not an mrc file at all\n" * 100)
+        job = ex.submit(bad, JobConfig(model=str(tiny_model)))
+        assert job.wait(30)
+        assert job.terminal_event.code == "invalid_volume"
+        assert "not an MRC file" in job.terminal_event.message
+        import torch
+
+        if not torch.cuda.is_available():
+            job = ex.submit(bad, JobConfig(model=str(tiny_model), device="cuda:0"))
+            assert job.wait(30)
+            # the volume is checked first, so the clearer error wins; a good volume gets the
+            # device error
+            assert job.terminal_event.code in ("invalid_volume", "invalid_config")
+    finally:
+        ex.close()
