@@ -125,13 +125,13 @@ def test_anisotropic_voxels_a_sphere_in_physical_units(voxel_size):
 
 
 @pytest.mark.parametrize("thickness", [1, 2])
-@pytest.mark.parametrize("chunk_planes", [1, 4, WHOLE])
+@pytest.mark.parametrize("chunk_planes", [3, WHOLE])
 def test_thin_membrane_sheets_keep_both_sides(thickness, chunk_planes):
     flat = np.zeros((8, 40, 50), np.uint8)
     flat[3 : 3 + thickness, 5:35, 5:45] = 1  # 30 x 40 voxels, parallel to the slabs
-    upright = np.zeros((60, 8, 50), np.uint8)
-    upright[5:55, 3 : 3 + thickness, 5:45] = 1  # 50 x 40 voxels, cut by every slab boundary
-    for labels, extent in ((flat, 30 * 40), (upright, 50 * 40)):
+    upright = np.zeros((50, 8, 50), np.uint8)
+    upright[5:45, 3 : 3 + thickness, 5:45] = 1  # 40 x 40 voxels, cut by every slab boundary
+    for labels, extent in ((flat, 30 * 40), (upright, 40 * 40)):
         a = area(labels, (10.0, 10.0, 10.0), chunk_planes)
         # both faces, plus a rim that is ~0 for one voxel and ~1 voxel high for two
         assert 2 * extent < a < 2 * extent * (1.01 if thickness == 1 else 1.08)
@@ -197,10 +197,10 @@ def test_empty_labels_give_no_entries():
     assert label_stats(np.zeros((0, 4, 4), np.uint8), (1.0, 1.0, 1.0))["labels"] == []
 
 
-@pytest.mark.parametrize("chunk_planes", [1, 2, 5, 30, 64])
+@pytest.mark.parametrize("chunk_planes", [1, 5, 30])
 def test_slab_areas_add_up_to_the_whole_volume_area(chunk_planes):
     # tall enough that slabs plus their smoothing margins are real cuts of the volume
-    labels = blobs(chunk_planes, shape=(80, 14, 13))
+    labels = blobs(chunk_planes, shape=(64, 12, 11))
     spacing_a = (13.0, 7.0, 11.0)
     stats = label_stats(labels, spacing_a, chunk_planes=chunk_planes)
     whole = label_stats(labels, spacing_a, chunk_planes=WHOLE)
@@ -214,7 +214,7 @@ def test_slab_areas_add_up_to_the_whole_volume_area(chunk_planes):
 
 def test_a_short_smoothing_margin_would_change_the_slab_areas(monkeypatch):
     """The equality above is not luck: without enough context planes it breaks."""
-    labels = blobs(3, shape=(80, 14, 13))
+    labels = blobs(3, shape=(64, 12, 11))
     whole = label_stats(labels, (10.0, 10.0, 10.0), chunk_planes=WHOLE)
     monkeypatch.setattr(stats_module, "_MARGIN", 2)
     short = label_stats(labels, (10.0, 10.0, 10.0), chunk_planes=5)
@@ -255,7 +255,7 @@ def test_one_plane_volume():
 
 
 def test_reads_slabs_only_and_accepts_a_memmap(tmp_path):
-    labels = blobs(7, shape=(90, 11, 13))
+    labels = blobs(7, shape=(60, 11, 13))
     spy = SlabSpy(labels)
     stats = label_stats(spy, (10.0, 10.0, 10.0), chunk_planes=4)
     # the first slab: chunk_planes plus the shared plane plus the smoothing margin above it;
@@ -273,7 +273,7 @@ def test_real_membrane_segmentation_slabs_equal_whole_volume():
         with mrcfile.open(REAL, permissive=True) as mrc:
             labels = np.array(mrc.data)  # int8, labels 1 membrane, 2 inside, 3 outside
     whole = label_stats(labels, (10.0, 10.0, 10.0), chunk_planes=labels.shape[0])
-    slabs = label_stats(labels, (10.0, 10.0, 10.0), chunk_planes=8)
+    slabs = label_stats(labels, (10.0, 10.0, 10.0), chunk_planes=12)
     assert [e["label"] for e in slabs["labels"]] == [1, 2, 3]
     for a, b in zip(whole["labels"], slabs["labels"], strict=True):
         assert a["voxel_count"] == b["voxel_count"] and a["components"] == b["components"]
