@@ -13,8 +13,10 @@ want=$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | sha256sum |
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+echo "setting up .venv (first run only; a few minutes)..." >&2
 "$VPY" -m pip install --quiet --upgrade pip
 # CPU torch first, then the project under a constraint that keeps it (see docs/install.md).
 "$VPY" -m pip install --quiet torch==2.13.0
 "$VPY" -m pip install --quiet -c scripts/constraints.txt -e ".[dev]"
 echo "$want" > "$stamp"
+echo "set-up done" >&2

@@ -1,0 +1,92 @@
+"""One benchmark run in a fresh process: load, reset the peak-RSS counter, predict, report JSON.
+
+Called by engine.py; not meant to be run by hand. Prints one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak() -> None:
+    """Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so the peak counts only the run."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def main() -> None:
+    engine, mrc, model_dir, step, threads = sys.argv[1:6]
+    os.environ["nnUNet_def_n_proc"] = threads  # noqa: SIM112 (nnU-Net's name)
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(int(threads))
+    from cryomamba import Volume
+
+    vol = Volume.open(mrc)
+    if engine == "cryomamba":
+        from cryomamba.engine import StreamingPredictor, TrainedModel
+
+        model = TrainedModel.load(model_dir)
+        predictor = StreamingPredictor(model, tile_step=float(step))
+        out = np.zeros(vol.shape, dtype=np.uint8)
+
+        def run():
+            return predictor.predict(vol.data, out=out, release=vol.release)
+    else:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(
+            tile_step_size=float(step),
+            use_mirroring=False,
+            device=torch.device("cpu"),
+            perform_everything_on_device=False,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        predictor.initialize_from_trained_model_folder(
+            model_dir, use_folds=(0,), checkpoint_name="checkpoint_final.pth"
+        )
+        image = np.array(vol.data)[None]  # nnU-Net needs the volume in memory: part of its baseline
+        spacing = list(vol.voxel_size)
+
+        def run():
+            return predictor.predict_single_npy_array(
+                image, {"spacing": spacing}, None, None, False
+            )
+
+    baseline = rss_kib("VmRSS")
+    reset_peak()
+    start = time.perf_counter()
+    labels = run()
+    seconds = time.perf_counter() - start
+    peak = rss_kib("VmHWM")
+    print(
+        json.dumps(
+            {
+                "engine": engine,
+                "shape": list(vol.shape),
+                "seconds": seconds,
+                "baseline_mib": baseline / 1024,
+                "peak_mib": peak / 1024,
+                "above_baseline_mib": (peak - baseline) / 1024,
+                "foreground": float(np.mean(labels > 0)),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

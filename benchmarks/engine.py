@@ -1,0 +1,166 @@
+"""Speed and memory of the streaming engine against nnU-Net's own predictor, in one run.
+
+For each volume shape, both engines segment the same synthetic tomogram with the same model,
+tile step 0.5, no TTA, each in a fresh process; we record wall time of the prediction and
+peak RSS above the process baseline (after the model and the input were loaded), and
+write a table of ratios into docs/benchmarks.md.
+
+    python benchmarks/engine.py                       # default shapes, bundled demo model
+    python benchmarks/engine.py --shapes 64x128x128 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_SHAPES = ["64x128x128", "128x256x256", "200x400x400"]
+DOUBLE_Z = ["256x256x256"]  # ours only: is peak RSS flat when Z doubles from 128?
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    z, y, x = (int(v) for v in text.lower().split("x"))
+    return z, y, x
+
+
+def make_volume(shape: tuple[int, int, int], folder: Path) -> Path:
+    from cryomamba.synth import synthesize, write_mrc
+
+    path = folder / f"synth_{'x'.join(map(str, shape))}.mrc"
+    if not path.exists():
+        write_mrc(synthesize(shape, seed=7, snr=1.0), path)
+    return path
+
+
+def run_one(engine: str, mrc: Path, model: Path, step: float, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "_run_one.py"),
+            engine,
+            str(mrc),
+            str(model),
+            str(step),
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{engine} on {mrc.name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def report(rows: list[dict]) -> str:
+    lines = [
+        "| volume (Z×Y×X) | voxels | nnU-Net time (s) | ours time (s) | time ratio | "
+        "nnU-Net peak above baseline (MiB) | ours (MiB) | nnU-Net B/voxel | ours B/voxel |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        n = row["voxels"]
+        ours, ref = row["cryomamba"], row.get("nnunet")
+        ob = ours["above_baseline_mib"] * 2**20 / n
+        if ref:
+            rb = ref["above_baseline_mib"] * 2**20 / n
+            lines.append(
+                f"| {row['shape']} | {n:,} | {ref['seconds']:.1f} | {ours['seconds']:.1f} | "
+                f"**{ours['seconds'] / ref['seconds']:.2f}×** | {ref['above_baseline_mib']:.0f} | "
+                f"{ours['above_baseline_mib']:.0f} | {rb:.1f} | **{ob:.2f}** |"
+            )
+        else:
+            lines.append(
+                f"| {row['shape']} | {n:,} | — | {ours['seconds']:.1f} | — | — | "
+                f"{ours['above_baseline_mib']:.0f} | — | **{ob:.2f}** |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model folder (default: bundled demo model)")
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
+    parser.add_argument("--double-z", nargs="*", default=DOUBLE_Z)
+    parser.add_argument("--step", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "cryomamba-bench"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
+    args = parser.parse_args()
+    from cryomamba.models import resolve_model
+
+    model = Path(args.model) if args.model else resolve_model("demo-membrane").path
+    args.cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for text in args.shapes + args.double_z:
+        shape = parse_shape(text)
+        mrc = make_volume(shape, args.cache)
+        row = {"shape": "×".join(map(str, shape)), "voxels": shape[0] * shape[1] * shape[2]}
+        engines = ["nnunet", "cryomamba"] if text in args.shapes else ["cryomamba"]
+        for engine in engines:
+            result = run_one(engine, mrc, model, args.step, args.threads)
+            print(json.dumps(result), flush=True)
+            row[engine] = result
+        rows.append(row)
+    table = report(rows)
+    print(table)
+    if not args.no_write:
+        write_doc(table, rows, args, model)
+
+
+def write_doc(table: str, rows: list[dict], args, model: Path) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    begin, end = "<!-- engine:begin -->", "<!-- engine:end -->"
+    block = (
+        f"{begin}\n"
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n"
+        f"Command: `python benchmarks/engine.py --threads {args.threads}` (model: "
+        f"`{model.name}`, tile step {args.step}, no TTA, CPU, fp32).\n\n"
+        f"{table}\n{end}"
+    )
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = (
+            text.rstrip()
+            + "\n\n## Engine: CryoMamba vs nnU-Net's predict_single_npy_array\n\n"
+            + block
+            + "\n"
+        )
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(text)
+    print(f"wrote {doc}")
+
+
+if __name__ == "__main__":
+    main()
