@@ -37,13 +37,19 @@ def main() -> None:
     vol = Volume.open(mrc)
     if engine == "cryomamba":
         from cryomamba.engine import StreamingPredictor, TrainedModel
+        from cryomamba.engine.output import release_pages, temporary_labels
 
         model = TrainedModel.load(model_dir)
         predictor = StreamingPredictor(model, tile_step=float(step))
-        out = np.zeros(vol.shape, dtype=np.uint8)
+        out = temporary_labels(vol.shape)  # what the local executor does
 
         def run():
-            return predictor.predict(vol.data, out=out, release=vol.release)
+            return predictor.predict(
+                vol.data,
+                out=out,
+                release=vol.release,
+                on_planes=lambda z0, z1: release_pages(out, 0, z1),
+            )
     else:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 

@@ -202,3 +202,17 @@ def test_truncated_checkpoint_and_unsupported_plans(tiny_model, tmp_path):
     (model / "plans.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
         TrainedModel.load(model)
+
+
+def test_output_memmap_keeps_data_after_its_pages_are_released(tiny_model):
+    from cryomamba.engine.output import release_pages, temporary_labels
+
+    volume = np.random.default_rng(4).normal(size=(24, 20, 20)).astype(np.float32)
+    model = TrainedModel.load(tiny_model)
+    expected = StreamingPredictor(model).predict(volume)
+    out = temporary_labels(volume.shape)
+    assert isinstance(out, np.memmap) and not out.any()
+    StreamingPredictor(model).predict(
+        volume, out=out, on_planes=lambda a, b: release_pages(out, 0, b)
+    )
+    np.testing.assert_array_equal(np.asarray(out), expected)

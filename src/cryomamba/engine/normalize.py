@@ -45,10 +45,10 @@ def _planes_per_chunk(shape: tuple[int, ...], chunk_bytes: int) -> int:
 def scan_intensities(
     data: np.ndarray,
     *,
-    chunk_bytes: int = 64 << 20,
+    chunk_bytes: int = 16 << 20,
     release: Callable[[int, int], None] | None = None,
 ) -> IntensityScan:
-    """Two chunked passes: the non-zero bounding box, then mean/std/min/max inside it (float64).
+    """Three chunked passes: the non-zero box, then mean, then spread inside it (float64).
 
     `release(z0, z1)` is called after each block so a memory-mapped source can drop its pages.
     NaN or infinite voxels, and volumes with a single value, are refused: nnU-Net would turn

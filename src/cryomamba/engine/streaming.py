@@ -28,6 +28,8 @@ __all__ = ["Canceled", "GpuOutOfMemory", "StreamingPredictor"]
 
 log = logging.getLogger(__name__)
 
+_READ_PLANES = 8  # source planes converted to float32 at a time
+_FINALIZE_PLANES = 4  # output planes divided and arg-maxed at a time
 ProgressFn = Callable[[int, int], None]
 PlanesFn = Callable[[int, int], None]
 ReleaseFn = Callable[[int, int], None]
@@ -172,7 +174,7 @@ class StreamingPredictor:
         logits = torch.zeros((n_folds, n_classes, pz, Py, Px), dtype=torch.half, device=device)
         weights = torch.zeros((pz, Py, Px), dtype=torch.half, device=device)
         base = 0  # padded z of logits[:, :, 0]
-        row_input: _Row | None = None
+        row_input = _Row(z0=-(10**9), planes=np.zeros((pz, Py, Px), dtype=np.float32))
         done = 0
         total = grid.n_tiles
         tiles = grid.row_tiles()
@@ -209,11 +211,12 @@ class StreamingPredictor:
                     on_planes(lo, hi)
             shift = end - base
             if row + 1 < len(grid.steps[0]):
-                keep = pz - shift
-                logits[:, :, :keep] = logits[:, :, shift:].clone()
-                logits[:, :, keep:] = 0
-                weights[:keep] = weights[shift:].clone()
-                weights[keep:] = 0
+                # roll plane by plane: no temporary copy of the whole buffer
+                for i in range(pz - shift):
+                    logits[:, :, i] = logits[:, :, i + shift]
+                    weights[i] = weights[i + shift]
+                logits[:, :, pz - shift :] = 0
+                weights[pz - shift :] = 0
                 base = end
 
     def _predict(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -228,27 +231,30 @@ class StreamingPredictor:
         return prediction
 
     def _row_input(
-        self, region, grid: TileGrid, z: int, normalize, previous: _Row | None, release, zmap
+        self, region, grid: TileGrid, z: int, normalize, row: _Row, release, zmap
     ) -> _Row:
-        """Normalized, zero-padded input planes [z, z + pz) for one z-row; reuses the overlap."""
+        """Normalized, zero-padded input planes [z, z + pz) for one z-row, in `row`'s buffer.
+
+        Planes shared with the previous row are moved down plane by plane, not read again.
+        """
         pz = grid.patch[0]
         (bz, by, bx), (sz, sy, sx) = grid.pad_below, grid.shape
-        planes = np.zeros((pz, *grid.padded[1:]), dtype=np.float32)
-        start = z
-        if previous is not None and previous.z0 + pz > z:
-            overlap = previous.z0 + pz - z
-            planes[:overlap] = previous.planes[z - previous.z0 :]
-            start = z + overlap
+        planes = row.planes
+        overlap = max(0, row.z0 + pz - z)
+        for i in range(overlap):
+            planes[i] = planes[i + z - row.z0]
+        planes[overlap:] = 0
+        start = z + overlap
         src0, src1 = max(start - bz, 0), min(z + pz - bz, sz)
-        if src1 > src0:
-            block = np.asarray(region[src0:src1], dtype=np.float32)
-            if block.base is not None or not block.flags.writeable:
-                block = np.array(block, dtype=np.float32)
+        for a in range(src0, src1, _READ_PLANES):  # small blocks keep the float copy small
+            b = min(a + _READ_PLANES, src1)
+            block = np.array(region[a:b], dtype=np.float32)
             normalize(block)
-            planes[src0 + bz - z : src1 + bz - z, by : by + sy, bx : bx + sx] = block
+            planes[a + bz - z : b + bz - z, by : by + sy, bx : bx + sx] = block
             if release is not None and not zmap.transposed_z:
-                release(*zmap.source_span(src0, src1, sz))
-        return _Row(z0=z, planes=planes)
+                release(*zmap.source_span(a, b, sz))
+        row.z0 = z
+        return row
 
     def _finalize(self, logits, weights, base, end, grid: TileGrid, out_region, n_folds) -> None:
         """Divide, ensemble, arg-max planes [base, end) (padded z) and write the un-padded part."""
@@ -256,10 +262,19 @@ class StreamingPredictor:
         lo, hi = max(base, bz), min(end, bz + sz)
         if hi <= lo:
             return
-        w = weights[lo - base : hi - base]
-        pred = torch.div(logits[0, :, lo - base : hi - base], w)
+        for a in range(lo, hi, _FINALIZE_PLANES):  # in small blocks: bounded temporaries
+            b = min(a + _FINALIZE_PLANES, hi)
+            out_region[a - bz : b - bz] = self._labels(
+                logits, weights, a - base, b - base, (by, bx, sy, sx), n_folds
+            )
+
+    @staticmethod
+    def _labels(logits, weights, a, b, crop, n_folds) -> np.ndarray:
+        by, bx, sy, sx = crop
+        w = weights[a:b]
+        pred = torch.div(logits[0, :, a:b], w)
         for f in range(1, n_folds):
-            pred += torch.div(logits[f, :, lo - base : hi - base], w)
+            pred += torch.div(logits[f, :, a:b], w)
         if n_folds > 1:
             pred /= n_folds
         if torch.any(torch.isinf(pred)):
@@ -268,8 +283,7 @@ class StreamingPredictor:
                 hint="the model may be broken or the input far outside its training range",
                 code="numerical_overflow",
             )
-        labels = pred[:, :, by : by + sy, bx : bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
-        out_region[lo - bz : hi - bz] = labels
+        return pred[:, :, by : by + sy, bx : bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
 
 
 class _ZMap:

@@ -163,6 +163,7 @@ class LocalExecutor:
     def _segment(self, job: Job, source: Any, config: JobConfig) -> Segmentation:
         from ..engine import StreamingPredictor
         from ..engine.device import resolve_device
+        from ..engine.output import release_pages, temporary_labels
         from ..engine.streaming import Canceled as EngineCanceled
         from ..engine.streaming import eta
         from ..models import resolve_model
@@ -179,7 +180,7 @@ class LocalExecutor:
             fp16=config.fp16,
         )
         _warn_spacing(volume, model)
-        labels = np.zeros(volume.shape, dtype=np.uint8)
+        labels = temporary_labels(volume.shape)
         preview = _PreviewBuilder(labels, config.preview_scale)
         start = time.monotonic()
         last_preview = [start]
@@ -201,6 +202,7 @@ class LocalExecutor:
                 preview.update(z1)
                 job.emit(preview.event())
                 last_preview[0] = now
+            release_pages(labels, 0, z1)  # finished planes (and those the preview read) leave RAM
 
         try:
             predictor.predict(
