@@ -1,0 +1,317 @@
+"""Tests for the `cryomamba` command line, run in-process through `main(argv)`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+from PIL import Image
+
+import cryomamba as cm
+from cryomamba import artifacts
+from cryomamba.cli import main
+from cryomamba.executors.local import LocalExecutor
+from cryomamba.models import BUNDLED_MODELS_DIR
+
+REAL_MRC = Path(__file__).parent / "data" / "real-mrc"
+SHAPE = (24, 48, 48)
+ARTIFACTS = {"mask.mrc", "mask.nii.gz", "mask.nrrd", "stats.json", "overview.png"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """A tiny random-weights nnU-Net folder (labels: background, membrane)."""
+    from cryomamba.testing import make_model_folder
+
+    folder = make_model_folder(
+        tmp_path_factory.mktemp("cli-model") / "m", patch_size=(16, 16, 16), features=(4, 8)
+    )
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tomogram(tmp_path_factory) -> Path:
+    """A small synthetic tomogram on disk, 10 Å voxels like the model."""
+    from cryomamba.synth import synthesize, write_mrc
+
+    path = tmp_path_factory.mktemp("cli-data") / "tomo.mrc"
+    write_mrc(synthesize(SHAPE, seed=1), path)
+    return path
+
+
+def run(capsys, *argv: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def segment_args(tomogram: Path, out: Path, model: str, *extra: object) -> list[object]:
+    return ["segment", tomogram, "-o", out, "--model", model, "--device", "cpu", *extra]
+
+
+def assert_one_error(err: str, *needles: str) -> str:
+    """Exactly one `error:` line, no traceback; return that line."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], err
+    return lines[0]
+
+
+# -- segment ---------------------------------------------------------------------------------
+
+
+def test_segment_writes_every_artifact_that_reads_back(capsys, tmp_path, tomogram, model):
+    out = tmp_path / "out"
+    code, stdout, _ = run(capsys, *segment_args(tomogram, out, model, "--tile-step", "1.0"))
+
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == ARTIFACTS
+    with mrcfile.open(tomogram) as src, mrcfile.open(out / "mask.mrc") as mask:
+        assert mask.data.shape == src.data.shape == SHAPE
+        assert mask.voxel_size == src.voxel_size
+        assert set(np.unique(mask.data)) <= {0, 1}
+    assert nib.load(out / "mask.nii.gz").shape == SHAPE[::-1]  # NIfTI is x, y, z
+    assert nrrd.read(str(out / "mask.nrrd"))[0].shape == SHAPE[::-1]
+    stats = json.loads((out / "stats.json").read_text())
+    assert isinstance(stats["labels"], list)
+    assert stats["shape"] == list(SHAPE)
+    with Image.open(out / "overview.png") as png:
+        assert png.format == "PNG"
+    for name in ARTIFACTS:
+        assert name in stdout
+    assert "segmented tomo.mrc" in stdout
+    assert "on cpu" in stdout
+
+
+def test_segment_formats_mrc_quiet_verbose(capsys, tmp_path, tomogram, model):
+    out = tmp_path / "out"
+    argv = segment_args(tomogram, out, model, "--formats", "mrc", "--tile-step", "1", "-q", "-v")
+    code, stdout, err = run(capsys, *argv)
+
+    assert code == 0
+    assert [p.name for p in out.iterdir()] == ["mask.mrc"]
+    assert stdout.splitlines() == [str(out / "mask.mrc")]  # --quiet: just the paths
+    assert "tiles" in err  # -v: INFO logs on stderr
+
+
+def test_ctrl_c_cancels_the_job(capsys, tmp_path, tomogram, model, monkeypatch):
+    jobs: list[cm.Job] = []
+    events = cm.Job.events
+
+    def interrupted(self, timeout=None):
+        jobs.append(self)
+        for event in events(self, timeout):
+            yield event
+            if isinstance(event, cm.Progress):
+                raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+
+    monkeypatch.setattr(cm.Job, "events", interrupted)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, *segment_args(tomogram, out, model))
+
+    assert code == 130
+    assert err.splitlines()[-1] == "canceled"
+    assert "Traceback" not in err
+    assert jobs[0].state == cm.JobState.CANCELED
+    assert not out.exists()
+
+
+def test_failed_job_exits_1(capsys, tmp_path, tomogram, model, monkeypatch):
+    def broken(self, job, source, config):
+        raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr(LocalExecutor, "_segment", broken)
+    code, _, err = run(capsys, *segment_args(tomogram, tmp_path / "out", model))
+
+    assert code == 1
+    assert_one_error(err, "the engine broke")
+    assert "hint: " in err
+
+
+def test_failed_save_leaves_no_partial_artifacts(capsys, tmp_path, tomogram, model, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifacts, "write_overview_png", disk_full)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, *segment_args(tomogram, out, model, "--tile-step", "1"))
+
+    assert code == 2
+    assert_one_error(err, "No space left on device")
+    assert list(out.iterdir()) == []
+
+
+BAD_INPUT = {
+    "truncated file": (["{real}/broken/truncated_data.mrc"], "truncated"),
+    "not an MRC": (["{real}/tardis_tif3D_uint8_same_volume.tif"], "not an MRC file"),
+    "2D image": (["{real}/quoll_single_tilt_uint16_voxel0.mrc"], "2D image"),
+    "missing file": (["{tmp}/missing.mrc"], "missing.mrc"),
+    "unknown model": (["{tomo}", "--model", "no-such-model"], "'no-such-model'"),
+    "tile step": (["{tomo}", "--tile-step", "2.0"], "tile_step"),
+    "unknown format": (["{tomo}", "--formats", "mrc,jpeg"], "jpeg"),
+    "bad folds": (["{tomo}", "--folds", "zero"], "--folds"),
+    "bad device": (["{tomo}", "--device", "gpu"], "device"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
+def test_bad_input_is_one_error_line_and_exit_2(capsys, tmp_path, tomogram, model, case):
+    args, needle = BAD_INPUT[case]
+    args = [a.format(real=REAL_MRC, tmp=tmp_path, tomo=tomogram) for a in args]
+    out = tmp_path / "out"
+    extra = [] if "--model" in args else ["--model", model]
+    code, stdout, err = run(capsys, "segment", *args, "-o", out, *extra)
+
+    assert code == 2
+    assert_one_error(err, needle)
+    assert stdout == ""
+    assert not out.exists()
+
+
+def test_unknown_model_hint_lists_the_registered_models(capsys, tmp_path, tomogram):
+    code, _, err = run(capsys, "segment", tomogram, "-o", tmp_path / "out", "--model", "nope")
+
+    assert code == 2
+    assert_one_error(err, "unknown model 'nope'")
+    assert re.search(r"^hint: .*demo-membrane", err, re.MULTILINE), err
+
+
+def test_output_folder_below_a_file(capsys, tmp_path, tomogram, model):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    code, _, err = run(capsys, *segment_args(tomogram, out, model))
+
+    assert code == 2
+    assert_one_error(err, "file.txt is not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_usage_errors(capsys):
+    code, _, err = run(capsys)
+    assert code == 2
+    assert_one_error(err, "COMMAND")
+    code, _, err = run(capsys, "segment", "tomo.mrc")  # no -o
+    assert code == 2
+    assert_one_error(err, "-o/--out")
+    assert "hint: see `cryomamba segment --help`" in err
+
+
+def test_help_exits_0(capsys):
+    code, stdout, _ = run(capsys, "segment", "--help")
+    assert code == 0
+    assert "--tile-step" in stdout
+
+
+# -- info, models, synth -----------------------------------------------------------------
+
+
+def test_info_prints_shape_and_voxel_size(capsys):
+    code, stdout, _ = run(capsys, "info", REAL_MRC / "chlamy_hsp60_relion_ispg0.mrc")
+    assert code == 0
+    assert "48 × 48 × 48" in stdout
+    assert "7.84 × 7.84 × 7.84 Å" in stdout
+
+
+def test_info_json(capsys):
+    code, stdout, _ = run(capsys, "info", "--json", REAL_MRC / "chlamy_hsp60_relion_ispg0.mrc")
+    assert code == 0
+    meta = json.loads(stdout)
+    assert meta["shape"] == [48, 48, 48]
+    assert meta["voxel_size"] == pytest.approx([7.84] * 3)
+
+
+def test_info_json_has_no_nan(capsys):
+    code, stdout, _ = run(capsys, "info", "--json", REAL_MRC / "imp_mini_nan_stats.mrc")
+    assert code == 0
+    assert json.loads(stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+def test_models_lists_the_demo_model(capsys):
+    code, stdout, _ = run(capsys, "models")
+    assert code == 0
+    assert "demo-membrane" in stdout
+
+
+def test_synth_writes_a_deterministic_mrc(capsys, tmp_path):
+    a, b, c = tmp_path / "a.mrc", tmp_path / "sub" / "b.mrc", tmp_path / "c.mrc"
+    labels = tmp_path / "labels.mrc"
+    assert run(capsys, "synth", a, "--shape", "16,24,32", "--seed", "3", "--labels", labels)[0] == 0
+    assert run(capsys, "synth", b, "--shape", "16,24,32", "--seed", "3")[0] == 0
+    assert run(capsys, "synth", c, "--shape", "16,24,32", "--seed", "4")[0] == 0
+
+    with mrcfile.open(a) as mrc:
+        assert mrc.data.shape == (16, 24, 32)
+        assert mrc.voxel_size.x == pytest.approx(10.0)
+    with mrcfile.open(labels) as mrc:
+        assert mrc.data.shape == (16, 24, 32)
+        assert set(np.unique(mrc.data)) <= {0, 1, 2}
+
+    # mrcfile stamps the time of writing into header label 0 (bytes 224-304): mask it out.
+    def content(path: Path) -> bytes:
+        raw = path.read_bytes()
+        return raw[:224] + raw[304:]
+
+    assert content(a) == content(b)
+    assert content(a) != content(c)
+
+
+def test_synth_rejects_a_bad_shape(capsys, tmp_path):
+    code, _, err = run(capsys, "synth", tmp_path / "x.mrc", "--shape", "4,4,4")
+    assert code == 2
+    assert_one_error(err, "shape")
+    assert not (tmp_path / "x.mrc").exists()
+
+
+# -- demo and the entry points -------------------------------------------------------------
+
+
+def assert_demo_output(out: Path, stdout: str) -> float:
+    assert {p.name for p in out.iterdir()} == {"tomogram.mrc"} | ARTIFACTS
+    match = re.search(r"Dice \(membrane vs\. ground truth\): ([0-9.]+)", stdout)
+    assert match, stdout
+    dice = float(match.group(1))
+    assert 0.0 <= dice <= 1.0
+    return dice
+
+
+def test_demo_with_a_tiny_model(capsys, tmp_path, model):
+    out = tmp_path / "demo"
+    argv = ["demo", "-o", out, "--shape", "24,48,48", "--model", model, "--device", "cpu"]
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0
+    assert_demo_output(out, stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (BUNDLED_MODELS_DIR / "demo-membrane" / "plans.json").is_file(),
+    reason="the bundled demo-membrane model is not in the checkout",
+)
+def test_demo_with_the_bundled_model(capsys, tmp_path):
+    out = tmp_path / "demo"
+    code, stdout, _ = run(capsys, "demo", "-o", out, "--shape", "32,64,64", "--device", "cpu")
+    assert code == 0
+    assert_demo_output(out, stdout)
+
+
+def test_entry_points_print_the_version():
+    expected = f"cryomamba {cm.__version__}"
+    module = subprocess.run(
+        [sys.executable, "-m", "cryomamba", "--version"], capture_output=True, text=True
+    )
+    assert (module.returncode, module.stdout.strip()) == (0, expected), module.stderr
+    script = Path(sys.executable).with_name("cryomamba")
+    if script.exists():  # the console script, where the package is installed
+        done = subprocess.run([script, "--version"], capture_output=True, text=True)
+        assert (done.returncode, done.stdout.strip()) == (0, expected), done.stderr
