@@ -238,6 +238,7 @@ def test_bad_labels_are_refused_before_anything_is_written(tmp_path):
 def test_public_api():
     assert set(artifacts.__all__) == {
         "FORMATS",
+        "check_output_dir",
         "save_artifacts",
         "write_mrc",
         "write_nifti",
@@ -246,3 +247,14 @@ def test_public_api():
         "write_stats_json",
     }
     assert list(FORMATS) == ["mrc", "nifti", "nrrd", "stats", "png"]
+
+
+def test_check_output_dir_refuses_a_path_below_a_file_and_creates_nothing(tmp_path):
+    from cryomamba.artifacts import check_output_dir
+    from cryomamba.errors import OutputError
+
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_output_dir(tmp_path / "file.txt" / "out")
+    check_output_dir(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()

@@ -193,7 +193,7 @@ def test_output_folder_below_a_file(capsys, tmp_path, tomogram, model):
     code, _, err = run(capsys, *segment_args(tomogram, out, model))
 
     assert code == 2
-    assert_one_error(err, "file.txt is not a folder")
+    assert_one_error(err, "file.txt is a file, not a folder")
     assert blocker.read_text() == "not a folder"
 
 

@@ -45,6 +45,7 @@ from .stats import check_voxel_size, label_stats
 
 __all__ = [
     "FORMATS",
+    "check_output_dir",
     "save_artifacts",
     "write_mrc",
     "write_nifti",
@@ -299,6 +300,27 @@ def write_overview_png(
         x += panel.shape[1] + gap
     canvas.save(os.fspath(path), format="PNG")
     return Path(path)
+
+
+def check_output_dir(folder: str | os.PathLike) -> None:
+    """Fail early, before hours of inference, if `folder` cannot become a writable folder.
+
+    Creates nothing; `save_artifacts` proves writability again with a probe file.
+    """
+    out = Path(folder)
+    probe = out.absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(
+            f"cannot write into output folder {out}: {probe} is a file, not a folder",
+            hint="choose another output folder",
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"cannot write into output folder {out}: {probe} is not writable",
+            hint="choose a folder you can write to, or fix its permissions",
+        )
 
 
 def _prepare_dir(out_dir: str | os.PathLike) -> Path:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 import traceback
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from rich.text import Text
 
 import cryomamba as cm
 
+from .artifacts import check_output_dir
 from .config import FORMATS
 
 __all__ = ["EXIT_CANCELED", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
@@ -147,7 +147,7 @@ def _cmd_segment(args: argparse.Namespace, ui: _UI) -> int:
     with cm.Volume.open(args.input) as volume:
         spec = cm.resolve_model(config.model)
         spec.labels()  # a folder that is no model fails now, not after loading torch
-        _check_out_dir(args.out)
+        check_output_dir(args.out)
         if not volume.voxel_size_known:
             log.warning("%s has no voxel size; assuming %s Å", args.input, volume.voxel_size)
         _segment_and_save(ui, volume, config, spec.name, args.out)
@@ -204,7 +204,7 @@ def _cmd_demo(args: argparse.Namespace, ui: _UI) -> int:
     config = cm.JobConfig(model=args.model, device=args.device)
     spec = cm.resolve_model(config.model)
     membrane = next((v for v, n in spec.labels().items() if n == "membrane"), 1)
-    _check_out_dir(args.out)
+    check_output_dir(args.out)
     with ui.err.status("synthesising a tomogram…"):
         tomo = _synthesize(args.shape, seed=args.seed, snr=1.0, voxel_size=10.0)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -281,19 +281,6 @@ def _segment_and_save(
     for path in paths.values():
         ui.out.print(f"  {escape(str(path))}", soft_wrap=True)
     return result
-
-
-def _check_out_dir(out: Path) -> None:
-    """Fail before any work when `out` cannot become a writable folder; creates nothing."""
-    probe = out.absolute()
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    problem = "is not a folder" if not probe.is_dir() else "is not writable"
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise cm.OutputError(
-            f"cannot write into output folder {out}: {probe} {problem}",
-            hint="choose a folder you can write to",
-        )
 
 
 def _synthesize(shape: tuple[int, ...], **kwargs: Any) -> Any:

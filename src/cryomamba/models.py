@@ -101,7 +101,13 @@ def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
     name = os.fspath(name_or_path)
     registry = plugins.models()
     if name in registry:
-        return registry.get(name)
+        spec = registry.get(name)
+        if not (spec.path / "plans.json").is_file():
+            raise ModelError(
+                f"model {name!r} is registered but its folder {spec.path} is missing or incomplete",
+                hint="reinstall the package that provides it (for demo-membrane: cryomamba)",
+            )
+        return spec
     path = Path(name).expanduser()
     if path.is_dir():
         return ModelSpec(path.name, path.resolve(), f"folder {path}")
