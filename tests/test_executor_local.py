@@ -69,3 +69,26 @@ def test_bad_source_and_unavailable_device_fail_as_events(tiny_model, tmp_path):
             assert job.terminal_event.code in ("invalid_volume", "invalid_config")
     finally:
         ex.close()
+
+
+def test_cuda_out_of_memory_becomes_a_gpu_oom_failure_with_a_hint(
+    tiny_model, noise_volume, monkeypatch
+):
+    """Fault injection: the network raises CUDA's OOM error mid-run (no GPU needed)."""
+    import torch
+
+    from cryomamba.engine.streaming import StreamingPredictor
+
+    def oom(self, net, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(StreamingPredictor, "_predict", oom)
+    ex = LocalExecutor()
+    try:
+        job = ex.submit(noise_volume, JobConfig(model=str(tiny_model)))
+        assert job.wait(60)
+        failed = job.terminal_event
+        assert failed.code == "gpu_oom" and failed.retryable
+        assert "tile_batch" in failed.hint and "out of memory" in failed.message
+    finally:
+        ex.close()

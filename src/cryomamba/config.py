@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .artifacts import FORMATS as ARTIFACT_FILES
@@ -37,14 +37,12 @@ class JobConfig:
     preview_interval_s: float = 1.0
     preview_scale: int = 4
     formats: tuple[str, ...] = FORMATS
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Normalise sequences so that a config built from JSON lists equals one built from tuples.
         if self.folds is not None:
             object.__setattr__(self, "folds", tuple(self.folds))
         object.__setattr__(self, "formats", tuple(self.formats))
-        object.__setattr__(self, "extra", dict(self.extra))
         self._validate()
 
     def _validate(self) -> None:
