@@ -2,7 +2,8 @@
 
 For each volume shape, both engines segment the same synthetic tomogram with the same model,
 tile step 0.5, no TTA, each in a fresh process; we record wall time of the prediction and
-peak RSS above the process baseline (after the model and the input were loaded), and
+peak RSS above the process baseline (after the model and the input were loaded and one
+tile was run to warm the model up, for both engines alike), and
 write a table of ratios into docs/benchmarks.md.
 
     python benchmarks/engine.py                       # default shapes, bundled demo model
