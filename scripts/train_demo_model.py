@@ -1,0 +1,507 @@
+#!/usr/bin/env python
+"""Train the bundled "demo-membrane" nnU-Net v2 model on synthetic tomograms, on the CPU.
+
+Writes an nnU-Net v2 trained-model folder (dataset.json, plans.json,
+fold_0/checkpoint_final.pth) that nnU-Net's own `nnUNetPredictor` loads, then evaluates the
+membrane Dice of that folder with `nnUNetPredictor` on held-out synthetic volumes.
+
+nnU-Net's trainer and preprocessing pipeline are not used (they need CUDA-era extras and hours);
+a small torch loop trains the network nnU-Net builds from the plans, on data normalised exactly
+as nnU-Net's ZScoreNormalization does at inference.
+
+Usage:
+    python scripts/train_demo_model.py --out src/cryomamba/bundled_models/demo-membrane --seed 0
+    python scripts/train_demo_model.py --out DIR --eval-only      # evaluate an existing folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cryomamba.synth import synthesize
+
+MODEL_NAME = "demo-membrane"
+SPACING = [10.0, 10.0, 10.0]  # Å, equal to the synthetic voxel size
+PATCH = [64, 64, 64]
+FEATURES = [8, 16, 32, 64]
+TRAIN_SHAPE = (96, 128, 128)
+EVAL_SHAPE = (64, 128, 128)
+EVAL_SEEDS = (1000, 1001, 1002, 1003)
+VAL_SEEDS = (900, 901)  # monitoring only: disjoint from training (0..N-1) and evaluation seeds
+MIRROR_AXES = (0, 1, 2)  # flips keep the missing wedge (around z, in kz-kx) where it is
+
+
+def arch_kwargs() -> dict:
+    """arch_kwargs of the PlainConvUNet, as nnU-Net's plans spell them."""
+    n = len(FEATURES)
+    return {
+        "n_stages": n,
+        "features_per_stage": FEATURES,
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * n,
+        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+        "n_conv_per_stage": [2] * n,
+        "n_conv_per_stage_decoder": [2] * (n - 1),
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+
+
+def make_plans(n_train: int, batch_size: int, fg_props: dict) -> dict:
+    """plans.json content with one 3d_fullres configuration."""
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    return {
+        "dataset_name": "Dataset900_DemoMembrane",
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": SPACING,
+        "original_median_shape_after_transp": list(TRAIN_SHAPE),
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": batch_size,
+                "patch_size": PATCH,
+                "median_image_size_in_voxels": list(TRAIN_SHAPE),
+                "spacing": SPACING,
+                "normalization_schemes": ["ZScoreNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": resampling,
+                "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
+                "architecture": {
+                    "network_class_name": (
+                        "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+                    ),
+                    "arch_kwargs": arch_kwargs(),
+                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+                },
+                "batch_dice": True,
+            }
+        },
+        "experiment_planner_used": "cryomamba scripts/train_demo_model.py (hand-written plans)",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": fg_props},
+    }
+
+
+def make_dataset_json(n_train: int) -> dict:
+    """dataset.json content."""
+    return {
+        "name": MODEL_NAME,
+        "description": (
+            "CryoMamba demo model: membranes in synthetic cryo-ET tomograms "
+            "(cryomamba.synth, 10 Å voxels, dark density). Particles count as background."
+        ),
+        "channel_names": {"0": "cryo-ET"},
+        "labels": {"background": 0, "membrane": 1},
+        "numTraining": n_train,
+        "file_ending": ".nii.gz",
+        "reference": "scripts/train_demo_model.py",
+        "licence": "Apache-2.0",
+    }
+
+
+def zscore(volume: np.ndarray) -> np.ndarray:
+    """Normalise as nnU-Net's ZScoreNormalization (use_mask_for_norm False) does."""
+    image = volume.astype(np.float32)  # copy, like DefaultPreprocessor.run_case_npy
+    mean = image.mean()
+    std = image.std()
+    image -= mean
+    image /= max(std, 1e-8)
+    return image
+
+
+def build_network(deep_supervision: bool = False) -> torch.nn.Module:
+    """The network nnU-Net builds from our plans."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    return get_network_from_plans(
+        "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        arch_kwargs(),
+        ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        input_channels=1,
+        output_channels=2,
+        allow_init=True,
+        deep_supervision=deep_supervision,
+    )
+
+
+def make_volume(seed: int, snr: float, shape: tuple[int, int, int], **kw) -> tuple:
+    """(normalised float32 volume, uint8 membrane mask) for one synthetic tomogram."""
+    tomo = synthesize(shape, seed=seed, snr=snr, **kw)
+    return zscore(tomo.volume), (tomo.labels == 1).astype(np.uint8), tomo.volume
+
+
+def training_data(n: int, rng: np.random.Generator) -> tuple[list, list, dict, list]:
+    """Synthetic training volumes with varied SNR, wedge and content; foreground statistics."""
+    images, masks, raw_fg, meta = [], [], [], []
+    for i in range(n):
+        snr = float(math.exp(rng.uniform(math.log(0.4), math.log(2.5))))
+        wedge = float(rng.uniform(20.0, 40.0))
+        n_particles = int(rng.integers(20, 160))
+        n_vesicles = int(rng.integers(4, 14))
+        n_sheets = int(rng.integers(0, 3))
+        img, mask, raw = make_volume(
+            i,
+            snr,
+            TRAIN_SHAPE,
+            missing_wedge_deg=wedge,
+            n_particles=n_particles,
+            n_vesicles=n_vesicles,
+            n_sheets=n_sheets,
+        )
+        images.append(img)
+        masks.append(mask)
+        raw_fg.append(raw[mask.astype(bool)])
+        meta.append({"seed": i, "snr": round(snr, 3), "wedge": round(wedge, 1)})
+    fg = np.concatenate(raw_fg).astype(np.float64)
+    props = {
+        "mean": float(fg.mean()),
+        "median": float(np.median(fg)),
+        "std": float(fg.std()),
+        "min": float(fg.min()),
+        "max": float(fg.max()),
+        "percentile_00_5": float(np.percentile(fg, 0.5)),
+        "percentile_99_5": float(np.percentile(fg, 99.5)),
+    }
+    return images, masks, props, meta
+
+
+def sample_batch(
+    images: list, masks: list, batch_size: int, rng: np.random.Generator, fg_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random patches (a fraction centred on a membrane voxel) with random flips."""
+    xs, ys = [], []
+    for b in range(batch_size):
+        k = int(rng.integers(len(images)))
+        img, mask = images[k], masks[k]
+        shape = np.array(img.shape)
+        patch = np.array(PATCH)
+        # nnU-Net style: the last patches of each batch are forced to hold foreground.
+        if b >= round(batch_size * (1 - fg_fraction)):
+            fg = np.flatnonzero(mask[::4, ::4, ::4])
+            z, y, x = np.unravel_index(fg[int(rng.integers(len(fg)))], mask[::4, ::4, ::4].shape)
+            center = np.array([z, y, x]) * 4
+            lo = np.clip(center - patch // 2 + rng.integers(-8, 9, size=3), 0, shape - patch)
+        else:
+            lo = np.array(
+                [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch, strict=True)]
+            )
+        sl = tuple(slice(int(a), int(a + p)) for a, p in zip(lo, patch, strict=True))
+        x_, y_ = img[sl], mask[sl]
+        for ax in MIRROR_AXES:
+            if rng.random() < 0.5:
+                x_, y_ = np.flip(x_, ax), np.flip(y_, ax)
+        xs.append(np.ascontiguousarray(x_))
+        ys.append(np.ascontiguousarray(y_))
+    return (
+        torch.from_numpy(np.stack(xs)[:, None]),
+        torch.from_numpy(np.stack(ys).astype(np.int64)),
+    )
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + (1 − batch soft Dice of the membrane class), as nnU-Net's DC_and_CE."""
+    ce = F.cross_entropy(logits, target)
+    prob = torch.softmax(logits, 1)[:, 1]
+    tgt = (target == 1).float()
+    tp = (prob * tgt).sum()
+    dice = (2 * tp + 1e-5) / (prob.sum() + tgt.sum() + 1e-5)
+    return ce + (1 - dice)
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two boolean masks (1.0 when both are empty)."""
+    pred, ref = pred.astype(bool), ref.astype(bool)
+    denom = pred.sum() + ref.sum()
+    return 1.0 if denom == 0 else float(2 * (pred & ref).sum() / denom)
+
+
+def val_patches(seeds: tuple[int, ...]) -> tuple[torch.Tensor, np.ndarray]:
+    """Fixed 64³ validation patches (centre crops) from volumes never trained on."""
+    xs, ys = [], []
+    for s in seeds:
+        img, mask, _ = make_volume(s, 1.0, EVAL_SHAPE)
+        for x0 in (0, 64):
+            sl = (slice(0, 64), slice(32, 96), slice(x0, x0 + 64))
+            xs.append(img[sl])
+            ys.append(mask[sl])
+    return torch.from_numpy(np.stack(xs)[:, None]), np.stack(ys)
+
+
+def train(args: argparse.Namespace, out: Path) -> dict:
+    """Train and write the model folder; return a summary."""
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    torch.use_deterministic_algorithms(True)
+
+    print(f"generating {args.n_train} training volumes {TRAIN_SHAPE} ...", flush=True)
+    images, masks, fg_props, meta = training_data(args.n_train, rng)
+    vx, vy = val_patches(VAL_SEEDS)
+    t_data = time.perf_counter() - t0
+    print(f"  done in {t_data:.1f} s; membrane fraction {np.mean([m.mean() for m in masks]):.3f}")
+
+    net = build_network(deep_supervision=False)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"PlainConvUNet {FEATURES}, patch {PATCH}: {n_params} parameters")
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1 - it / args.iterations) ** 0.9)
+    t1, c1 = time.perf_counter(), time.process_time()
+    running = None
+    for it in range(1, args.iterations + 1):
+        net.train()
+        x, y = sample_batch(images, masks, args.batch_size, rng, fg_fraction=0.33)
+        loss = dice_ce_loss(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if it % args.log_every == 0 or it == args.iterations:
+            net.eval()
+            with torch.no_grad():
+                pred = net(vx).argmax(1).numpy()
+            el = time.perf_counter() - t1
+            print(
+                f"iter {it:5d}/{args.iterations}  loss {running:.4f}  "
+                f"val dice (patches, snr 1) {dice(pred, vy):.4f}  "
+                f"lr {sched.get_last_lr()[0]:.2e}  {el:.0f} s ({el / it:.2f} s/iter)",
+                flush=True,
+            )
+    t_train = time.perf_counter() - t1
+    cpu_train = time.process_time() - c1
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fold_0").mkdir(exist_ok=True)
+    dataset_json = make_dataset_json(args.n_train)
+    plans = make_plans(args.n_train, args.batch_size, fg_props)
+    (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2, ensure_ascii=False) + "\n")
+    (out / "plans.json").write_text(json.dumps(plans, indent=2, ensure_ascii=False) + "\n")
+    # As nnU-Net saves it: the state dict names each shared tensor several times (encoder,
+    # decoder.encoder, all_modules), torch.save stores each storage once. Don't clone.
+    weights = net.state_dict()
+    checkpoint = {
+        "network_weights": weights,
+        "trainer_name": "nnUNetTrainer",
+        "init_args": {
+            "plans": plans,
+            "configuration": "3d_fullres",
+            "fold": 0,
+            "dataset_json": dataset_json,
+            "device": "cpu",
+        },
+        "inference_allowed_mirroring_axes": list(MIRROR_AXES),
+        "current_epoch": args.iterations,
+        "cryomamba_training": {
+            "script": "scripts/train_demo_model.py",
+            "argv": sys.argv[1:],
+            "seed": args.seed,
+            "iterations": args.iterations,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "n_train": args.n_train,
+            "threads": args.threads,
+            "train_wall_s": round(t_train, 1),
+            "train_cpu_s": round(cpu_train, 1),
+            "train_volumes": meta,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    torch.save(checkpoint, out / "fold_0" / "checkpoint_final.pth")
+    return {
+        "params": n_params,
+        "data_s": round(t_data, 1),
+        "train_s": round(t_train, 1),
+        "s_per_iter": round(t_train / args.iterations, 3),
+        "train_cpu_s": round(cpu_train, 1),
+    }
+
+
+def evaluate(out: Path, snrs: list[float]) -> dict[float, dict]:
+    """Membrane Dice of the model folder with nnU-Net's own predictor, per SNR and volume.
+
+    Also the share of wrong voxels (missed, extra) lying within one voxel of the label edge.
+    """
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from scipy import ndimage
+
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        device=torch.device("cpu"),
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+        perform_everything_on_device=False,
+    )
+    predictor.initialize_from_trained_model_folder(
+        str(out), use_folds=(0,), checkpoint_name="checkpoint_final.pth"
+    )
+    results: dict[float, dict] = {}
+    for snr in snrs:
+        scores, counts = [], np.zeros(4)
+        for seed in EVAL_SEEDS:
+            tomo = synthesize(EVAL_SHAPE, seed=seed, snr=snr)
+            seg = predictor.predict_single_npy_array(
+                tomo.volume[None], {"spacing": SPACING}, None, None, False
+            )
+            pred, ref = seg == 1, tomo.labels == 1
+            scores.append(dice(pred, ref))
+            edge = ndimage.binary_dilation(ref) & ~ndimage.binary_erosion(ref)
+            fn, fp = ref & ~pred, pred & ~ref
+            counts += [fn.sum(), (fn & edge).sum(), fp.sum(), (fp & edge).sum()]
+        results[snr] = {
+            "dice": scores,
+            "fn_edge": float(counts[1] / max(counts[0], 1)),
+            "fp_edge": float(counts[3] / max(counts[2], 1)),
+        }
+        print(
+            f"held-out dice, snr {snr:g}: mean {np.mean(scores):.4f}  "
+            f"per volume {[round(s, 4) for s in scores]}  "
+            f"(wrong voxels within 1 voxel of the label edge: "
+            f"missed {results[snr]['fn_edge']:.1%}, extra {results[snr]['fp_edge']:.1%})",
+            flush=True,
+        )
+    return results
+
+
+def write_readme(args: argparse.Namespace, summary: dict, results: dict) -> None:
+    """README.md of the model folder: how it was made, with the exact command and results."""
+    cmd = "python scripts/train_demo_model.py " + " ".join(sys.argv[1:])
+    rows = "\n".join(
+        f"| {snr:g} | {np.mean(r['dice']):.4f} | {', '.join(f'{x:.4f}' for x in r['dice'])} "
+        f"| {r['fn_edge']:.1%} | {r['fp_edge']:.1%} |"
+        for snr, r in results.items()
+    )
+    edge_min = min((min(r["fn_edge"], r["fp_edge"]) for r in results.values()), default=0.0)
+    edge_note = (
+        f"The network fills those in: at least {edge_min:.0%} of the wrong voxels are a voxel "
+        "more or less of band thickness."
+        if edge_min >= 0.9
+        else "Part of the error lies away from the band edges (hidden or missed membranes)."
+    )
+    text = f"""# demo-membrane
+
+A small nnU-Net v2 (`3d_fullres`) model that segments **membranes** (label 1) in cryo-ET
+tomograms at 10 Å/voxel, trained only on synthetic tomograms from `cryomamba.synth`. It is the
+CryoMamba demo model: small enough to run on a laptop CPU, not meant for real data (it has
+never seen any). Particles and everything else are background (label 0).
+
+Files: `dataset.json`, `plans.json`, `fold_0/checkpoint_final.pth` — an ordinary nnU-Net v2
+trained-model folder; `nnUNetPredictor.initialize_from_trained_model_folder(folder,
+use_folds=(0,))` loads it. `trainer_name` is plain `nnUNetTrainer`, which only tells nnU-Net to
+build the network from the plans. `file_ending` is `.nii.gz` and `image_reader_writer`
+`SimpleITKIO` because nnU-Net has no MRC reader: CryoMamba reads MRC itself and hands nnU-Net
+arrays (ZYX, spacing in Å).
+
+## Network
+
+`PlainConvUNet`, {len(FEATURES)} stages, features {FEATURES}, 3×3×3 convolutions, 2 per stage,
+InstanceNorm + LeakyReLU, patch {PATCH}, {summary["params"]:,} parameters. Spacing
+{SPACING} Å (nnU-Net resamples other spacings to this), ZScoreNormalization over the whole
+volume. Mirroring (test-time augmentation) allowed on axes {list(MIRROR_AXES)}.
+
+## How it was made
+
+```
+{cmd}
+```
+
+Seed {args.seed} (torch.manual_seed and the numpy Generator that draws the training SNRs,
+content and patches; the synthetic volumes use synth seeds 0..{args.n_train - 1}). Torch
+{torch.__version__}, CPU, {args.threads} threads, `torch.use_deterministic_algorithms(True)`:
+two runs with the same seed and thread count gave bit-identical weights here; another thread
+count, CPU or torch version may change the last bits of the float sums and so the weights.
+
+Not nnU-Net's trainer: a small torch loop (`scripts/train_demo_model.py`) on
+{args.n_train} synthetic volumes of {TRAIN_SHAPE} voxels (SNR log-uniform in 0.4–2.5, missing
+wedge 20–40°, varied numbers of vesicles, sheets and particles), each z-scored exactly as
+nnU-Net's ZScoreNormalization does at inference; random {PATCH} patches, batch
+{args.batch_size}, one third centred on membrane, random flips on every axis; loss
+cross-entropy + batch soft Dice; AdamW lr {args.lr:g}, poly decay, {args.iterations}
+iterations. Training took {summary["train_s"]:.0f} s wall ({summary["s_per_iter"]:.2f} s per
+iteration, {summary["train_cpu_s"]:.0f} s CPU over all threads) on a shared 2-core machine.
+No optimizer state is saved.
+
+## Held-out evaluation
+
+nnU-Net's own `nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=cpu)` →
+`predict_single_npy_array`, on 4 synthetic volumes {EVAL_SHAPE} (synth seeds
+{", ".join(map(str, EVAL_SEEDS))}, default content, missing wedge 30°), membrane Dice:
+
+| SNR | mean Dice | per volume | missed voxels at the edge | extra voxels at the edge |
+| --- | --- | --- | --- | --- |
+{rows}
+
+The last two columns: the share of missed (false negative) and extra (false positive)
+membrane voxels that lie within one voxel of the edge of the 5.5 nm label band. The labels are
+geometric ground truth and keep the membrane patches the missing wedge hides (vesicle caps and
+sides). {edge_note} SNR is var(signal) / var(noise) over the whole volume (see
+`cryomamba.synth`); the model has seen SNR 0.4–2.5 in training.
+"""
+    (args.out / "README.md").write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--seed", type=int, default=0, help="seed for torch and patch sampling")
+    p.add_argument("--iterations", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--n-train", type=int, default=32, help="training volumes (synth seeds 0..N-1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument(
+        "--eval-snr", type=float, nargs="*", default=[1.0, 0.5, 0.25, 2.0], help="held-out SNRs"
+    )
+    p.add_argument("--eval-only", action="store_true", help="evaluate an existing model folder")
+    args = p.parse_args(argv)
+    if args.n_train > min(VAL_SEEDS):
+        p.error(f"--n-train must be <= {min(VAL_SEEDS)} (seeds above are held out)")
+    torch.set_num_threads(args.threads)
+    # Read when nnunetv2 is imported (lazily, below).
+    os.environ["nnUNet_def_n_proc"] = str(args.threads)  # noqa: SIM112
+    t0 = time.perf_counter()
+    summary = {} if args.eval_only else train(args, args.out)
+    t_eval = time.perf_counter()
+    results = evaluate(args.out, args.eval_snr) if args.eval_snr else {}
+    summary["eval_s"] = round(time.perf_counter() - t_eval, 1)
+    summary["total_s"] = round(time.perf_counter() - t0, 1)
+    summary["cpu_s"] = round(time.process_time(), 1)  # all threads, including imports
+    summary["dice"] = {str(k): round(float(np.mean(r["dice"])), 4) for k, r in results.items()}
+    print(json.dumps(summary, indent=2))
+    if not args.eval_only:
+        write_readme(args, summary, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
