@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +27,6 @@ __all__ = ["Canceled", "GpuOutOfMemory", "StreamingPredictor"]
 
 log = logging.getLogger(__name__)
 
-_READ_PLANES = 8  # source planes converted to float32 at a time
 _FINALIZE_PLANES = 4  # output planes divided and arg-maxed at a time
 ProgressFn = Callable[[int, int], None]
 PlanesFn = Callable[[int, int], None]
@@ -42,14 +40,6 @@ class Canceled(Exception):
 class GpuOutOfMemory(CryoMambaError):
     code = "gpu_oom"
     retryable = True
-
-
-@dataclass
-class _Row:
-    """The normalized input planes of one z-row of tiles (padded coordinates)."""
-
-    z0: int
-    planes: np.ndarray  # float32 (pz, Py, Px)
 
 
 class StreamingPredictor:
@@ -174,18 +164,14 @@ class StreamingPredictor:
         logits = torch.zeros((n_folds, n_classes, pz, Py, Px), dtype=torch.half, device=device)
         weights = torch.zeros((pz, Py, Px), dtype=torch.half, device=device)
         base = 0  # padded z of logits[:, :, 0]
-        row_input = _Row(z0=-(10**9), planes=np.zeros((pz, Py, Px), dtype=np.float32))
         done = 0
         total = grid.n_tiles
         tiles = grid.row_tiles()
         for row, z in enumerate(grid.steps[0]):
-            row_input = self._row_input(region, grid, z, normalize, row_input, release, zmap)
             for batch in _batched(tiles, self.tile_batch):
                 if cancel is not None and cancel.is_set():
                     raise Canceled
-                x = np.stack(
-                    [row_input.planes[None, :, y : y + py, xx : xx + px] for y, xx in batch]
-                )
+                x = np.stack([_tile(region, grid, z, y, xx, normalize) for y, xx in batch])
                 xt = torch.from_numpy(x)
                 if device.type == "cuda":
                     xt = xt.pin_memory().to(device, non_blocking=True)
@@ -202,6 +188,9 @@ class StreamingPredictor:
                 if on_progress is not None:
                     on_progress(done, total)
             end = grid.final_plane(row)
+            if release is not None and not zmap.transposed_z:
+                bz = grid.pad_below[0]
+                release(*zmap.source_span(base - bz, end - bz, grid.shape[0]))
             self._finalize(logits, weights, base, end, grid, out_region, n_folds)
             if on_planes is not None and not zmap.transposed_z:
                 lo, hi = zmap.source_span(
@@ -229,32 +218,6 @@ class StreamingPredictor:
                 prediction += torch.flip(net(torch.flip(x, flip)), flip)
             prediction /= len(combos) + 1
         return prediction
-
-    def _row_input(
-        self, region, grid: TileGrid, z: int, normalize, row: _Row, release, zmap
-    ) -> _Row:
-        """Normalized, zero-padded input planes [z, z + pz) for one z-row, in `row`'s buffer.
-
-        Planes shared with the previous row are moved down plane by plane, not read again.
-        """
-        pz = grid.patch[0]
-        (bz, by, bx), (sz, sy, sx) = grid.pad_below, grid.shape
-        planes = row.planes
-        overlap = max(0, row.z0 + pz - z)
-        for i in range(overlap):
-            planes[i] = planes[i + z - row.z0]
-        planes[overlap:] = 0
-        start = z + overlap
-        src0, src1 = max(start - bz, 0), min(z + pz - bz, sz)
-        for a in range(src0, src1, _READ_PLANES):  # small blocks keep the float copy small
-            b = min(a + _READ_PLANES, src1)
-            block = np.array(region[a:b], dtype=np.float32)
-            normalize(block)
-            planes[a + bz - z : b + bz - z, by : by + sy, bx : bx + sx] = block
-            if release is not None and not zmap.transposed_z:
-                release(*zmap.source_span(a, b, sz))
-        row.z0 = z
-        return row
 
     def _finalize(self, logits, weights, base, end, grid: TileGrid, out_region, n_folds) -> None:
         """Divide, ensemble, arg-max planes [base, end) (padded z) and write the un-padded part."""
@@ -284,6 +247,25 @@ class StreamingPredictor:
                 code="numerical_overflow",
             )
         return pred[:, :, by : by + sy, bx : bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def _tile(region, grid: TileGrid, z: int, y: int, x: int, normalize) -> np.ndarray:
+    """One normalized input tile (1, pz, py, px) at padded position (z, y, x).
+
+    Read straight from the (memory-mapped) source and normalized on the fly; the padding
+    around a volume smaller than the patch is 0 after normalization, as in nnU-Net. Tiles
+    overlap, so voxels are read several times — from the page cache, cheaply — in exchange
+    for holding no float copy of even one slab of the volume.
+    """
+    tile = np.zeros((1, *grid.patch), dtype=np.float32)
+    src, dst = [], []
+    for start, size, pad, n in zip((z, y, x), grid.patch, grid.pad_below, grid.shape):
+        a, b = max(start - pad, 0), min(start + size - pad, n)
+        src.append(slice(a, b))
+        dst.append(slice(a + pad - start, b + pad - start))
+    block = np.array(region[tuple(src)], dtype=np.float32)
+    tile[(0, *dst)] = normalize(block)
+    return tile
 
 
 class _ZMap:
