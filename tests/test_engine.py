@@ -216,3 +216,15 @@ def test_output_memmap_keeps_data_after_its_pages_are_released(tiny_model):
         volume, out=out, on_planes=lambda a, b: release_pages(out, 0, b)
     )
     np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_planes_past_the_nonzero_box_are_reported_final(tiny_model):
+    volume = np.random.default_rng(6).normal(size=(30, 20, 20)).astype(np.float32)
+    volume[:4] = 0
+    volume[-6:] = 0
+    planes = []
+    out = StreamingPredictor(TrainedModel.load(tiny_model)).predict(
+        volume, on_planes=lambda a, b: planes.append((a, b))
+    )
+    assert planes[-1][1] == 30
+    assert not out[:4].any() and not out[-6:].any()

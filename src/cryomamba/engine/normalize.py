@@ -45,7 +45,7 @@ def _planes_per_chunk(shape: tuple[int, ...], chunk_bytes: int) -> int:
 def scan_intensities(
     data: np.ndarray,
     *,
-    chunk_bytes: int = 16 << 20,
+    chunk_bytes: int = 4 << 20,
     release: Callable[[int, int], None] | None = None,
 ) -> IntensityScan:
     """Three chunked passes: the non-zero box, then mean, then spread inside it (float64).

@@ -120,10 +120,17 @@ class StreamingPredictor:
             grid.patch,
             grid.tiles_per_row,
         )
-        zmap = _ZMap(tf, scan.bbox[tf.index(0)][0], data.shape[0])
+        zmap = _ZMap(tf, scan.bbox[0][0], data.shape[0])
+        finished = [0]
+
+        def planes_done(z0: int, z1: int) -> None:
+            finished[0] = z1
+            if on_planes is not None:
+                on_planes(z0, z1)
+
         try:
             self._run(
-                region, out_region, grid, normalize, on_progress, cancel, release, zmap, on_planes
+                region, out_region, grid, normalize, on_progress, cancel, release, zmap, planes_done
             )
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory(
@@ -134,8 +141,9 @@ class StreamingPredictor:
         finally:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        if on_planes and zmap.transposed_z:
-            on_planes(0, data.shape[0])
+        if on_planes is not None and finished[0] < data.shape[0]:
+            # planes past the non-zero box (or all of them, when z was transposed) are final now
+            on_planes(0 if zmap.transposed_z else finished[0], data.shape[0])
         return out
 
     # -- the loop -------------------------------------------------------------------------------
@@ -172,6 +180,11 @@ class StreamingPredictor:
                 if cancel is not None and cancel.is_set():
                     raise Canceled
                 x = np.stack([_tile(region, grid, z, y, xx, normalize) for y, xx in batch])
+                if release is not None and not zmap.transposed_z:
+                    # drop the source pages these tiles mapped; the next tiles that need them
+                    # fault them back in from the page cache, which costs microseconds
+                    bz = grid.pad_below[0]
+                    release(*zmap.source_span(z - bz, z + pz - bz, grid.shape[0]))
                 xt = torch.from_numpy(x)
                 if device.type == "cuda":
                     xt = xt.pin_memory().to(device, non_blocking=True)
@@ -188,11 +201,8 @@ class StreamingPredictor:
                 if on_progress is not None:
                     on_progress(done, total)
             end = grid.final_plane(row)
-            if release is not None and not zmap.transposed_z:
-                bz = grid.pad_below[0]
-                release(*zmap.source_span(base - bz, end - bz, grid.shape[0]))
             self._finalize(logits, weights, base, end, grid, out_region, n_folds)
-            if on_planes is not None and not zmap.transposed_z:
+            if not zmap.transposed_z:
                 lo, hi = zmap.source_span(
                     base - grid.pad_below[0], end - grid.pad_below[0], grid.shape[0]
                 )
