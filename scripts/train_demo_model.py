@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cryomamba.synth import synthesize
+from cryomamba.testing.model_folder import plans_for
 
 MODEL_NAME = "demo-membrane"
 SPACING = [10.0, 10.0, 10.0]  # Å, equal to the synthetic voxel size
@@ -42,68 +43,18 @@ VAL_SEEDS = (900, 901)  # monitoring only: disjoint from training (0..N-1) and e
 MIRROR_AXES = (0, 1, 2)  # flips keep the missing wedge (around z, in kz-kx) where it is
 
 
-def arch_kwargs() -> dict:
-    """arch_kwargs of the PlainConvUNet, as nnU-Net's plans spell them."""
-    n = len(FEATURES)
-    return {
-        "n_stages": n,
-        "features_per_stage": FEATURES,
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * n,
-        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
-        "n_conv_per_stage": [2] * n,
-        "n_conv_per_stage_decoder": [2] * (n - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
-
-
 def make_plans(n_train: int, batch_size: int, fg_props: dict) -> dict:
-    """plans.json content with one 3d_fullres configuration."""
-    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
-    return {
-        "dataset_name": "Dataset900_DemoMembrane",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": SPACING,
-        "original_median_shape_after_transp": list(TRAIN_SHAPE),
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "configurations": {
-            "3d_fullres": {
-                "data_identifier": "nnUNetPlans_3d_fullres",
-                "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": batch_size,
-                "patch_size": PATCH,
-                "median_image_size_in_voxels": list(TRAIN_SHAPE),
-                "spacing": SPACING,
-                "normalization_schemes": ["ZScoreNormalization"],
-                "use_mask_for_norm": [False],
-                "resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": resampling,
-                "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
-                "architecture": {
-                    "network_class_name": (
-                        "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-                    ),
-                    "arch_kwargs": arch_kwargs(),
-                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                },
-                "batch_dice": True,
-            }
-        },
-        "experiment_planner_used": "cryomamba scripts/train_demo_model.py (hand-written plans)",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": fg_props},
-    }
+    """plans.json content: the PlainConvUNet skeleton CryoMamba's tests use, with our numbers."""
+    plans = plans_for(PATCH, FEATURES, SPACING)
+    plans["dataset_name"] = "Dataset900_DemoMembrane"
+    plans["original_median_shape_after_transp"] = list(TRAIN_SHAPE)
+    plans["experiment_planner_used"] = "cryomamba scripts/train_demo_model.py (hand-written plans)"
+    plans["foreground_intensity_properties_per_channel"] = {"0": fg_props}
+    config = plans["configurations"]["3d_fullres"]
+    config.update(
+        batch_size=batch_size, median_image_size_in_voxels=list(TRAIN_SHAPE), batch_dice=True
+    )
+    return plans
 
 
 def make_dataset_json(n_train: int) -> dict:
@@ -137,10 +88,11 @@ def build_network(deep_supervision: bool = False) -> torch.nn.Module:
     """The network nnU-Net builds from our plans."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+    arch = plans_for(PATCH, FEATURES, SPACING)["configurations"]["3d_fullres"]["architecture"]
     return get_network_from_plans(
-        "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        arch_kwargs(),
-        ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        arch["network_class_name"],
+        arch["arch_kwargs"],
+        arch["_kw_requires_import"],
         input_channels=1,
         output_channels=2,
         allow_init=True,
