@@ -363,9 +363,12 @@ def write_mrc(
     import mrcfile
 
     path = Path(path)
+    # a fixed label instead of mrcfile's time stamp: the same seed gives the same bytes
+    label = f"cryomamba.synth seed={tomo.seed}".encode()
     with mrcfile.new(path, overwrite=overwrite) as mrc:
         mrc.set_data(tomo.volume.astype(np.float32, copy=False))
         mrc.voxel_size = tomo.voxel_size
+        mrc.header.label[0] = label
     labels_path: Path | None = None
     if labels is not False:
         labels_path = path.with_name(f"{path.stem}_labels.mrc") if labels is True else Path(labels)
@@ -373,4 +376,5 @@ def write_mrc(
             # Mode 0 (int8): uint8 would be widened to mode 6 (uint16) by mrcfile.
             mrc.set_data(tomo.labels.astype(np.int8))
             mrc.voxel_size = tomo.voxel_size
+            mrc.header.label[0] = label + b" labels"
     return path, labels_path
