@@ -85,3 +85,9 @@ def test_unknown_model_and_unknown_executor():
         cm.segment(np.ones((4, 4, 4), np.float32), model="nope")
     with pytest.raises(cm.ConfigError, match="unknown executor 'cluster'"):
         cm.submit(np.ones((4, 4, 4), np.float32), executor="cluster")
+
+
+def test_a_missing_file_is_an_io_error_not_a_bug(tiny_model, tmp_path):
+    with pytest.raises(cm.JobFailedError, match="no-such.mrc") as info:
+        cm.segment(tmp_path / "no-such.mrc", model=str(tiny_model))
+    assert info.value.code == "io_error"

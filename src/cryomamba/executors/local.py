@@ -109,14 +109,14 @@ class LocalExecutor:
         self._models = _ModelCache(model_cache_size)
 
     def submit(self, source: Any, config: JobConfig, sinks: Sequence[Any] = ()) -> Job:
-        job = Job(sinks=[as_sink(s) for s in sinks])
-        future: Future = self._pool.submit(self._run, job, source, config)
+        queued: list[Future] = []
 
         def on_cancel() -> None:
-            if future.cancel():  # still queued: it will never start
+            if queued and queued[0].cancel():  # still queued: it will never start
                 job.emit(Canceled())
 
-        job._on_cancel = on_cancel
+        job = Job(on_cancel=on_cancel, sinks=[as_sink(s) for s in sinks])
+        queued.append(self._pool.submit(self._run, job, source, config))
         return job
 
     def close(self) -> None:
@@ -135,6 +135,16 @@ class LocalExecutor:
         except CryoMambaError as exc:
             job.emit(
                 Failed(code=exc.code, message=exc.message, hint=exc.hint, retryable=exc.retryable)
+            )
+        except OSError as exc:  # a file that vanished, a disk that filled up...
+            job.emit(
+                Failed(
+                    code="io_error",
+                    message=str(exc),
+                    hint="check that the file exists and is readable, and that the temporary "
+                    "folder ($CRYOMAMBA_TMPDIR or the system's) has space",
+                    retryable=True,
+                )
             )
         except MemoryError:
             job.emit(
