@@ -228,3 +228,15 @@ def test_planes_past_the_nonzero_box_are_reported_final(tiny_model):
     )
     assert planes[-1][1] == 30
     assert not out[:4].any() and not out[-6:].any()
+
+
+def test_cancel_is_honoured_while_scanning_intensities(tiny_model):
+    volume = np.random.default_rng(7).normal(size=(40, 40, 40)).astype(np.float32)
+    cancel = threading.Event()
+    cancel.set()
+    progress = []
+    with pytest.raises(Canceled):
+        StreamingPredictor(TrainedModel.load(tiny_model)).predict(
+            volume, cancel=cancel, on_progress=lambda d, t: progress.append(d)
+        )
+    assert progress == []  # stopped before the first tile

@@ -7,12 +7,14 @@ by plane-block, so no float copy of the volume is ever made.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InvalidVolumeError, ModelError
+from .cancel import Canceled
 
 __all__ = ["IntensityScan", "make_normalizer", "scan_intensities"]
 
@@ -47,29 +49,37 @@ def scan_intensities(
     *,
     chunk_bytes: int = 4 << 20,
     release: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> IntensityScan:
     """Three chunked passes: the non-zero box, then mean, then spread inside it (float64).
 
-    `release(z0, z1)` is called after each block so a memory-mapped source can drop its pages.
+    `release(z0, z1)` is called after each block so a memory-mapped source can drop its pages;
+    `cancel` is checked before each block (scanning a 10 GB tomogram takes a while).
     NaN or infinite voxels, and volumes with a single value, are refused: nnU-Net would turn
     them into a mask of garbage without a word.
     """
-    nz = data.shape[0]
     step = _planes_per_chunk(data.shape, chunk_bytes)
-    z_any = np.zeros(nz, dtype=bool)
+
+    def blocks(z_span, region=(), dtype=None):
+        """Blocks of `step` planes; pages released and the cancel flag checked after each."""
+        for z0 in range(z_span[0], z_span[1], step):
+            if cancel is not None and cancel.is_set():
+                raise Canceled
+            yield np.asarray(data[(slice(z0, min(z0 + step, z_span[1])), *region)], dtype=dtype), z0
+            if release:
+                release(z0, z0 + step)
+
+    z_any = np.zeros(data.shape[0], dtype=bool)
     y_any = np.zeros(data.shape[1], dtype=bool)
     x_any = np.zeros(data.shape[2], dtype=bool)
     bad = 0
-    for z0 in range(0, nz, step):
-        block = np.asarray(data[z0 : z0 + step])
+    for block, z0 in blocks((0, data.shape[0])):
         if block.dtype.kind == "f":
             bad += int(np.count_nonzero(~np.isfinite(block)))
         nonzero = block != 0
-        z_any[z0 : z0 + step] = nonzero.any(axis=(1, 2))
+        z_any[z0 : z0 + len(block)] = nonzero.any(axis=(1, 2))
         y_any |= nonzero.any(axis=(0, 2))
         x_any |= nonzero.any(axis=(0, 1))
-        if release:
-            release(z0, z0 + step)
     if bad:
         raise InvalidVolumeError(
             f"the volume holds {bad} NaN or infinite voxel(s)",
@@ -77,25 +87,19 @@ def scan_intensities(
             "with NaN usually means a failed alignment or a division by zero upstream",
         )
     bbox = tuple(_span(a) for a in (z_any, y_any, x_any))
-    total = 0.0
-    total_sq = 0.0
-    lo, hi = np.inf, -np.inf
     (za, zb), (ya, yb), (xa, xb) = bbox
+    inside = (slice(ya, yb), slice(xa, xb))
     count = (zb - za) * (yb - ya) * (xb - xa)
+    total, total_sq = 0.0, 0.0
+    lo, hi = np.inf, -np.inf
     # mean first, then the sum of squared deviations: the two-pass formula keeps full precision
-    for z0 in range(za, zb, step):
-        block = np.asarray(data[z0 : min(z0 + step, zb), ya:yb, xa:xb], dtype=np.float64)
+    for block, _ in blocks((za, zb), inside, np.float64):
         total += float(block.sum())
         lo = min(lo, float(block.min()))
         hi = max(hi, float(block.max()))
-        if release:
-            release(z0, z0 + step)
     mean = total / count
-    for z0 in range(za, zb, step):
-        block = np.asarray(data[z0 : min(z0 + step, zb), ya:yb, xa:xb], dtype=np.float64)
+    for block, _ in blocks((za, zb), inside, np.float64):
         total_sq += float(np.square(block - mean).sum())
-        if release:
-            release(z0, z0 + step)
     if hi == lo:
         raise InvalidVolumeError(
             f"the volume is constant (every voxel is {lo:g}): there is nothing to segment",

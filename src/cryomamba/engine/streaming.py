@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import CryoMambaError, InvalidVolumeError
+from .cancel import Canceled
 from .model import TrainedModel
 from .normalize import IntensityScan, make_normalizer, scan_intensities
 from .tiling import TileGrid
@@ -31,10 +32,6 @@ _FINALIZE_PLANES = 4  # output planes divided and arg-maxed at a time
 ProgressFn = Callable[[int, int], None]
 PlanesFn = Callable[[int, int], None]
 ReleaseFn = Callable[[int, int], None]
-
-
-class Canceled(Exception):
-    """Raised inside the loop when the cancel event is set; the caller turns it into `Canceled`."""
 
 
 class GpuOutOfMemory(CryoMambaError):
@@ -101,7 +98,7 @@ class StreamingPredictor:
             )
         if self.model.num_classes > 255:
             raise InvalidVolumeError("models with more than 255 labels are not supported")
-        scan = scan or scan_intensities(data, release=release)
+        scan = scan or scan_intensities(data, release=release, cancel=cancel)
         normalize = make_normalizer(
             self.model.normalization,
             scan,
