@@ -54,3 +54,19 @@ def test_import_does_not_pull_heavy_packages():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_real_mrc_copies_match_the_shared_collection():
+    """tests/data/real-mrc copies ../shared/data/real-mrc; a file added there must be added here."""
+    from pathlib import Path
+
+    here = Path(__file__).parent / "data" / "real-mrc"
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-mrc"
+    if not shared.is_dir():
+        import pytest
+
+        pytest.skip("no ../shared checkout beside this repository")
+    for src in sorted(p for p in shared.rglob("*") if p.is_file()):
+        copy = here / src.relative_to(shared)
+        assert copy.is_file(), f"{src.relative_to(shared)} is not copied into tests/data/real-mrc"
+        assert copy.read_bytes() == src.read_bytes(), f"{copy} differs from {src}"
