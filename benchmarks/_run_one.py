@@ -68,20 +68,9 @@ def main() -> None:
                 on_planes=lambda z0, z1: release_pages(out, 0, z1),
             )
     else:
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from cryomamba.testing.reference import nnunet_predictor
 
-        predictor = nnUNetPredictor(
-            tile_step_size=float(step),
-            use_mirroring=False,
-            device=torch.device("cpu"),
-            perform_everything_on_device=False,
-            verbose=False,
-            verbose_preprocessing=False,
-            allow_tqdm=False,
-        )
-        predictor.initialize_from_trained_model_folder(
-            model_dir, use_folds=(0,), checkpoint_name="checkpoint_final.pth"
-        )
+        predictor = nnunet_predictor(model_dir, tile_step=float(step))
         image = np.array(vol.data)[None]  # nnU-Net needs the volume in memory: part of its baseline
         spacing = list(vol.voxel_size)
 

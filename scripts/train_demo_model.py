@@ -299,22 +299,11 @@ def evaluate(out: Path, snrs: list[float]) -> dict[float, dict]:
 
     Also the share of wrong voxels (missed, extra) lying within one voxel of the label edge.
     """
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from scipy import ndimage
 
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=False,
-        device=torch.device("cpu"),
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-        perform_everything_on_device=False,
-    )
-    predictor.initialize_from_trained_model_folder(
-        str(out), use_folds=(0,), checkpoint_name="checkpoint_final.pth"
-    )
+    from cryomamba.testing.reference import nnunet_predictor
+
+    predictor = nnunet_predictor(out)
     results: dict[float, dict] = {}
     for snr in snrs:
         scores, counts = [], np.zeros(4)

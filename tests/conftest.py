@@ -17,6 +17,20 @@ DATA = Path(__file__).parent / "data"
 REAL_MRC = DATA / "real-mrc"
 
 
+class SlabSpy:
+    """A lazily sliced volume that records how many z-planes each read asks for."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.reads = array, []
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        assert isinstance(key, slice), f"whole-volume read attempted with {key!r}"
+        part = self.array[key]
+        self.reads.append(part.shape[0])
+        return part
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A real nnU-Net v2 model folder: 3-stage PlainConvUNet, 16³ patch, random weights, 1 fold."""

@@ -9,35 +9,21 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from cryomamba import InvalidVolumeError, ModelError
 from cryomamba.engine import StreamingPredictor, TrainedModel
 from cryomamba.engine.streaming import Canceled
+from cryomamba.testing.reference import nnunet_predictor
 
 
 def nnunet_prediction(
     model_dir, volume, *, folds, step=0.5, mirroring=False, spacing=(10.0, 10.0, 10.0)
 ):
     """nnU-Net's own `predict_single_npy_array` with the same model and settings."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    predictor = nnUNetPredictor(
-        tile_step_size=step,
-        use_mirroring=mirroring,
-        device=torch.device("cpu"),
-        perform_everything_on_device=False,
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-    )
-    predictor.initialize_from_trained_model_folder(
-        str(model_dir), use_folds=folds, checkpoint_name="checkpoint_final.pth"
-    )
-    seg, probs = predictor.predict_single_npy_array(
+    predictor = nnunet_predictor(model_dir, folds=folds, tile_step=step, mirroring=mirroring)
+    return predictor.predict_single_npy_array(
         volume[None], {"spacing": list(spacing)}, None, None, True
     )
-    return seg, probs
 
 
 def assert_equal_up_to_ties(ours, ref, probs, *, max_fraction=1e-4):

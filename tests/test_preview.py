@@ -7,23 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from conftest import SlabSpy
 
 from cryomamba.errors import InvalidVolumeError
 from cryomamba.preview import decode_preview, downsample_labels, encode_preview
-
-
-class SlabSpy:
-    """A lazily sliced volume that records how many z-planes each read asks for."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.reads = array, []
-        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
-
-    def __getitem__(self, key):
-        assert isinstance(key, slice), f"whole-volume read attempted with {key!r}"
-        part = self.array[key]
-        self.reads.append(part.shape[0])
-        return part
 
 
 def block_max_reference(labels: np.ndarray, s: int) -> np.ndarray:

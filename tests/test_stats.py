@@ -9,6 +9,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+from conftest import SlabSpy
 from scipy import ndimage
 from skimage.measure import marching_cubes, mesh_surface_area
 
@@ -29,20 +30,6 @@ ANISOTROPIC_TOLERANCE = 0.05
 # (measured: ~2e-16 relative).
 SLAB_REL = 1e-9
 WHOLE = 10_000  # chunk_planes for a single whole-volume call
-
-
-class SlabSpy:
-    """A lazily sliced volume that records how many z-planes each read asks for."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.reads = array, []
-        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
-
-    def __getitem__(self, key):
-        assert isinstance(key, slice), f"whole-volume read attempted with {key!r}"
-        part = self.array[key]
-        self.reads.append(part.shape[0])
-        return part
 
 
 def ellipsoid(shape, center, radii) -> np.ndarray:
