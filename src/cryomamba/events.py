@@ -6,11 +6,12 @@ local executor produces.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+from .preview import decode_preview, encode_preview
 
 if TYPE_CHECKING:
     from .segmentation import Segmentation
@@ -70,15 +71,11 @@ class Preview(Event):
     planes_done: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        data = np.ascontiguousarray(self.labels, dtype=np.uint8)
         return {
             "type": self.kind,
-            "scale": self.scale,
-            "shape": list(data.shape),
+            **encode_preview(self.labels, self.scale),
             "full_shape": list(self.shape),
-            "dtype": "uint8",
             "planes_done": self.planes_done,
-            "data": base64.b64encode(data.tobytes()).decode("ascii"),
         }
 
 
@@ -139,18 +136,12 @@ def event_from_dict(data: dict[str, Any]) -> Event:
             stage=data.get("stage", "inference"),
         )
     if kind == "preview":
-        shape = tuple(int(s) for s in data["shape"])
-        raw = base64.b64decode(data["data"])
-        if len(raw) != int(np.prod(shape)):
-            raise ValueError(
-                f"preview payload is {len(raw)} bytes, shape {shape} needs {int(np.prod(shape))}"
-            )
-        labels = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
-        full = tuple(int(s) for s in data.get("full_shape", shape))
+        scale, labels = decode_preview(data)
+        full = tuple(int(s) for s in data.get("full_shape", labels.shape))
         return Preview(
-            scale=int(data["scale"]),
-            shape=full,
-            labels=labels,  # type: ignore[arg-type]
+            scale=scale,
+            shape=full,  # type: ignore[arg-type]
+            labels=labels,
             planes_done=int(data.get("planes_done", 0)),
         )
     if kind == "completed":

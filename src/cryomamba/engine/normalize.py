@@ -132,15 +132,7 @@ def make_normalizer(
             hint="use a model trained with use_mask_for_norm false",
         )
     if scheme == "ZScoreNormalization":
-        mean = np.float32(scan.mean)
-        std = np.float32(max(np.float32(scan.std), EPS))
-
-        def zscore(block: np.ndarray) -> np.ndarray:
-            block -= mean
-            block /= std
-            return block
-
-        return zscore
+        return _shift_scale(np.float32(scan.mean), np.float32(max(np.float32(scan.std), EPS)))
     if scheme == "CTNormalization":
         try:
             lower, upper = properties["percentile_00_5"], properties["percentile_99_5"]
@@ -159,14 +151,7 @@ def make_normalizer(
         return ct
     if scheme == "RescaleTo01Normalization":
         lo = np.float32(scan.minimum)
-        span = np.float32(max(np.float32(scan.maximum) - lo, EPS))
-
-        def rescale(block: np.ndarray) -> np.ndarray:
-            block -= lo
-            block /= span
-            return block
-
-        return rescale
+        return _shift_scale(lo, np.float32(max(np.float32(scan.maximum) - lo, EPS)))
     if scheme == "RGBTo01Normalization":
 
         def rgb(block: np.ndarray) -> np.ndarray:
@@ -177,3 +162,14 @@ def make_normalizer(
     if scheme == "NoNormalization":
         return lambda block: block
     raise ModelError(f"unsupported normalization scheme {scheme}")
+
+
+def _shift_scale(offset: np.float32, divisor: np.float32) -> Callable[[np.ndarray], np.ndarray]:
+    """(block - offset) / divisor in place, in float32 as nnU-Net computes it."""
+
+    def apply(block: np.ndarray) -> np.ndarray:
+        block -= offset
+        block /= divisor
+        return block
+
+    return apply

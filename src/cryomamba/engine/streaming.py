@@ -117,7 +117,7 @@ class StreamingPredictor:
             grid.patch,
             grid.tiles_per_row,
         )
-        zmap = _ZMap(tf, scan.bbox[0][0], data.shape[0])
+        zmap = _ZMap(tf, scan.bbox[0][0])
         finished = [0]
 
         def planes_done(z0: int, z1: int) -> None:
@@ -278,10 +278,9 @@ def _tile(region, grid: TileGrid, z: int, y: int, x: int, normalize) -> np.ndarr
 class _ZMap:
     """Maps z in the (cropped, transposed) working array back to source z planes."""
 
-    def __init__(self, transpose: tuple[int, ...], z_offset: int, nz: int) -> None:
+    def __init__(self, transpose: tuple[int, ...], z_offset: int) -> None:
         self.transposed_z = transpose[0] != 0
         self.z_offset = z_offset
-        self.nz = nz
 
     def source_span(self, a: int, b: int, size: int) -> tuple[int, int]:
         a, b = max(a, 0), min(b, size)
