@@ -138,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     add("--model", default="demo-membrane", help=argparse.SUPPRESS)
     add("-q", "--quiet", action="store_true", help="no progress bar or table")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the server (docs/server.md)",
+                           description="run the CryoMamba server (same as python -m "
+                           "cryomamba.serve); every flag has a CRYOMAMBA_SERVER_* variable")
+    serve.set_defaults(run=_cmd_serve)
+    from .serve import add_server_arguments
+
+    add_server_arguments(serve)
+
+    add = command("token", "mint a bearer token for the server (needs its --data-dir)")
+    add("action", choices=["create"], help="create: print a new token")
+    add("--data-dir", type=Path, default=Path("cryomamba-data"), help="the server's data folder")
+    add("--secret-file", type=Path, default=None, help="the server's --secret-file, if set")
+    add("--subject", required=True, help="who the token is for (jobs and files belong to it)")
+    add("--scopes", default="read,upload,submit",
+        help="comma-separated: read, upload, submit, admin (default read,upload,submit)")
+    add("--ttl", default="30d", help="lifetime, e.g. 12h or 30d (default 30d)")
     return parser
 
 
@@ -151,6 +168,31 @@ def _cmd_segment(args: argparse.Namespace, ui: _UI) -> int:
         if not volume.voxel_size_known:
             log.warning("%s has no voxel size; assuming %s Å", args.input, volume.voxel_size)
         _segment_and_save(ui, volume, config, spec.name, args.out)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, ui: _UI) -> int:
+    from .serve import run, settings_from_args
+
+    run(settings_from_args(args))
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace, ui: _UI) -> int:
+    from .server.auth import mint_token, parse_duration
+    from .server.settings import ServerSettings, load_secret
+
+    settings = ServerSettings(data_dir=args.data_dir, secret_file=args.secret_file)
+    try:
+        ttl = parse_duration(args.ttl)
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        secret = load_secret(settings, create=False)
+        token = mint_token(secret, args.subject, scopes, ttl)
+    except cm.CryoMambaError:
+        raise
+    except ValueError as exc:
+        raise _UsageError(str(exc), hint="see `cryomamba token --help`") from None
+    print(token)
     return 0
 
 

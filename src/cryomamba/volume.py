@@ -317,8 +317,12 @@ class Volume:
     # -- construction -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Volume:
-        """Validate an MRC file's header against its size, then memory-map its data."""
+    def open(cls, path: str | os.PathLike[str], *, sha256: str | None = None) -> Volume:
+        """Validate an MRC file's header against its size, then memory-map its data.
+
+        `sha256` is the file's checksum when the caller already knows it (the server
+        verified it at upload), so `checksum()` need not read the whole file again.
+        """
         path = Path(path)
         lay = _read_layout(path)
         raw_map = np.memmap(path, dtype=lay.dtype, mode="r", offset=lay.offset, shape=lay.shape)
@@ -335,6 +339,7 @@ class Volume:
             layout=lay,
         )
         volume._mapped = raw_map
+        volume._checksum = sha256
         return volume
 
     @classmethod

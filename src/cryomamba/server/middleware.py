@@ -1,0 +1,184 @@
+"""Pure-ASGI middleware: request ids and JSON access logs, authentication, rate limits.
+
+Query strings are never logged (signed URLs carry their signature there) and neither is
+the Authorization header, so no token or signature reaches the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from typing import Any
+
+from starlette.datastructures import Headers, QueryParams
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import decode_token, missing_token
+from .errors import ApiError, error_response
+
+__all__ = ["AuthMiddleware", "RateLimitMiddleware", "RequestContextMiddleware"]
+
+access_log = logging.getLogger("cryomamba.server.access")
+
+PUBLIC_PATHS = frozenset({"/v1/healthz", "/v1/openapi.json", "/metrics"})
+
+
+def _is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith("/v1/files/") or not path.startswith("/v1/")
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (X-Request-ID), logs one JSON line, counts it in the metrics."""
+
+    def __init__(self, app: ASGIApp, metrics=None, routes: list | None = None) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes or []
+
+    def _route(self, scope: Scope) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return getattr(route, "path", "?")
+        return "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        rid = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex[:16]
+        rid = "".join(c for c in rid if c.isalnum() or c in "-_")[:64] or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        start = time.perf_counter()
+        status = [0]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            elif message["type"] == "websocket.accept":
+                status[0] = 101
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = self._route(scope)
+            principal = scope.get("state", {}).get("principal")
+            access_log.info(
+                "%s %s %s", scope.get("method", "WS"), scope["path"], status[0],
+                extra={"fields": {
+                    "request_id": rid,
+                    "method": scope.get("method", "WS"),
+                    "path": scope["path"],  # never the query string: it may hold a signature
+                    "route": route,
+                    "status": status[0],
+                    "ms": round(elapsed * 1000, 2),
+                    "subject": principal.subject if principal else None,
+                }},
+            )
+            if self.metrics is not None:
+                method = scope.get("method", "WS")
+                self.metrics.requests.labels(method, route, str(status[0])).inc()
+                self.metrics.latency.labels(route).observe(elapsed)
+
+
+class AuthMiddleware:
+    """Puts the caller's `Principal` in `scope["state"]`; 401 for HTTP routes without one.
+
+    WebSockets pass through with `auth_error` set instead, so the socket can be accepted
+    and told why it is being closed (browsers cannot read a refused handshake's reason).
+    """
+
+    def __init__(self, app: ASGIApp, secret: bytes) -> None:
+        self.app, self.secret = app, secret
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or _is_public(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        try:
+            state["principal"] = decode_token(self.secret, self._token(scope))
+        except ApiError as exc:
+            if scope["type"] == "websocket":
+                state["auth_error"] = exc
+            else:
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _token(scope: Scope) -> str:
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        if scope["type"] == "websocket":  # browsers cannot set headers on a WebSocket
+            token = QueryParams(scope.get("query_string", b"").decode()).get("token")
+            if token:
+                return token
+        raise missing_token()
+
+
+class _Bucket:
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens, self.stamp = tokens, stamp
+
+
+class RateLimitMiddleware:
+    """`per_minute` requests per token (a token bucket); 429 with Retry-After beyond it.
+
+    Upload parts are exempt: they are limited by how many may be in flight at once instead,
+    so a big upload is not throttled by its own part count.
+    """
+
+    def __init__(self, app: ASGIApp, per_minute: int) -> None:
+        self.app, self.per_minute = app, per_minute
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def _exempt(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return _is_public(path) or (scope.get("method") == "PUT" and "/part/" in path)
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """Spend one request for `key`: 0 if allowed, else seconds until the next one is."""
+        now = time.monotonic() if now is None else now
+        rate = self.per_minute / 60.0
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket(float(self.per_minute), now)
+            bucket.tokens = min(self.per_minute, bucket.tokens + (now - bucket.stamp) * rate)
+            bucket.stamp = now
+            if bucket.tokens >= 1:
+                bucket.tokens -= 1
+                return 0.0
+            return (1 - bucket.tokens) / rate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._exempt(scope):
+            await self.app(scope, receive, send)
+            return
+        principal: Any = scope.get("state", {}).get("principal")
+        client = scope.get("client") or ("?", 0)
+        key = f"sub:{principal.subject}" if principal else f"ip:{client[0]}"
+        wait = self.take(key)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            exc = ApiError(
+                429, "rate_limited",
+                f"more than {self.per_minute} requests per minute with this token",
+                f"wait {retry} s; clients should honour Retry-After", retryable=True,
+                headers={"Retry-After": str(retry)},
+            )
+            await error_response(exc)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

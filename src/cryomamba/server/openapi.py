@@ -1,0 +1,329 @@
+"""The OpenAPI 3.0 document for /v1: what the server accepts and returns, route by route.
+
+Written by hand next to the routes it describes, and checked against the running server
+by a schemathesis test, so the two cannot drift apart unnoticed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._version import __version__
+
+__all__ = ["openapi_document"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "The body is not JSON",
+        401: "Missing, invalid or expired token",
+        403: "The token lacks a scope, or the path or signature is not allowed",
+        404: "No such object (or it belongs to someone else)",
+        409: "The object is in a state that does not allow this",
+        410: "Expired",
+        413: "Too large",
+        422: "The request is well-formed but its values are not acceptable",
+        429: "Rate limited; see Retry-After",
+    }
+    return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
+
+
+NULLABLE_NUMBER = {"type": "number", "nullable": True}
+NULLABLE_STRING = {"type": "string", "nullable": True}
+AUTH = [{"bearer": []}]
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message", "hint", "retryable"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "hint": {"type": "string"},
+                    "retryable": {"type": "boolean"},
+                    "details": {"type": "object"},
+                },
+            }
+        },
+    },
+    "UploadInit": {
+        "type": "object",
+        "required": ["filename", "size"],
+        "properties": {
+            "filename": {"type": "string", "minLength": 1, "maxLength": 255},
+            "size": {"type": "integer", "minimum": 1},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "part_size": {"type": "integer", "minimum": 8388608, "maximum": 33554432},
+        },
+    },
+    "Upload": {
+        "type": "object",
+        "required": ["upload_id", "filename", "size", "part_size", "parts_total",
+                     "parts_received", "state", "expires_at"],
+        "properties": {
+            "upload_id": {"type": "string"},
+            "filename": {"type": "string"},
+            "size": {"type": "integer"},
+            "sha256": NULLABLE_STRING,
+            "part_size": {"type": "integer"},
+            "parts_total": {"type": "integer"},
+            "parts_received": {"type": "array", "items": {"type": "integer"}},
+            "state": {"type": "string", "enum": ["open", "completed", "rejected", "expired"]},
+            "file_id": NULLABLE_STRING,
+            "created_at": {"type": "number"},
+            "expires_at": {"type": "number"},
+        },
+    },
+    "PartReceipt": {
+        "type": "object",
+        "required": ["index", "size", "sha256", "parts_received"],
+        "properties": {
+            "index": {"type": "integer"},
+            "size": {"type": "integer"},
+            "sha256": {"type": "string"},
+            "parts_received": {"type": "integer"},
+        },
+    },
+    "File": {
+        "type": "object",
+        "required": ["file_id", "filename", "size", "sha256", "shape", "voxel_size", "dtype"],
+        "properties": {
+            "file_id": {"type": "string"},
+            "filename": {"type": "string"},
+            "size": {"type": "integer"},
+            "sha256": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "voxel_size": {"type": "array", "items": {"type": "number"}},
+            "dtype": {"type": "string"},
+            "created_at": {"type": "number"},
+        },
+    },
+    "JobConfig": {
+        "type": "object",
+        "description": "cryomamba.JobConfig as JSON; every key is optional",
+        "properties": {
+            "model": {"type": "string"},
+            "folds": {"type": "array", "items": {"type": "integer"}, "nullable": True},
+            "checkpoint": {"type": "string"},
+            "tile_step": {"type": "number"},
+            "mirroring": {"type": "boolean"},
+            "fp16": {"type": "boolean"},
+            "device": {"type": "string"},
+            "tile_batch": {"type": "integer"},
+            "preview_interval_s": {"type": "number"},
+            "preview_scale": {"type": "integer"},
+            "formats": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "JobSubmit": {
+        "type": "object",
+        "properties": {
+            "file_id": {"type": "string"},
+            "server_path": {"type": "string"},
+            "config": _ref("JobConfig"),
+        },
+    },
+    "Progress": {
+        "type": "object",
+        "nullable": True,
+        "properties": {
+            "fraction": {"type": "number"},
+            "tiles_done": {"type": "integer"},
+            "tiles_total": {"type": "integer"},
+            "eta_s": NULLABLE_NUMBER,
+        },
+    },
+    "Job": {
+        "type": "object",
+        "required": ["id", "state", "owner", "created_at", "source", "config", "model",
+                     "artifacts"],
+        "properties": {
+            "id": {"type": "string"},
+            "state": {"type": "string", "enum": ["queued", "running", "previewing",
+                                                 "completed", "failed", "canceled"]},
+            "owner": {"type": "string"},
+            "created_at": {"type": "number"},
+            "started_at": NULLABLE_NUMBER,
+            "finished_at": NULLABLE_NUMBER,
+            "device": NULLABLE_STRING,
+            "queue_position": {"type": "integer", "nullable": True},
+            "source": {"type": "object"},
+            "config": _ref("JobConfig"),
+            "model": {"type": "object"},
+            "progress": _ref("Progress"),
+            "error": {"type": "object", "nullable": True},
+            "artifacts": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["url", "sha256", "size", "expires_at"],
+                    "properties": {
+                        "url": {"type": "string"},
+                        "sha256": {"type": "string"},
+                        "size": {"type": "integer"},
+                        "expires_at": {"type": "integer"},
+                    },
+                },
+            },
+        },
+    },
+    "JobList": {
+        "type": "object",
+        "required": ["jobs"],
+        "properties": {"jobs": {"type": "array", "items": _ref("Job")}},
+    },
+    "ServerInfo": {
+        "type": "object",
+        "required": ["version", "devices", "models", "limits"],
+        "properties": {
+            "version": {"type": "string"},
+            "devices": {"type": "array", "items": {"type": "string"}},
+            "models": {"type": "array", "items": {"type": "object"}},
+            "roots": {"type": "array", "items": {"type": "string"}},
+            "limits": {"type": "object"},
+        },
+    },
+}
+
+_ID = {"type": "string"}
+
+
+def _path_param(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema or _ID}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole document, served at /v1/openapi.json."""
+    paths: dict[str, Any] = {
+        "/v1/healthz": {"get": {
+            "summary": "Liveness", "security": [],
+            "responses": {"200": _json({"type": "object", "required": ["status"],
+                                        "properties": {"status": {"type": "string"},
+                                                       "version": {"type": "string"}}}, "Alive")},
+        }},
+        "/v1/server/info": {"get": {
+            "summary": "Version, devices, models and limits", "security": AUTH,
+            "responses": {"200": _json(_ref("ServerInfo"), "Server info"),
+                          **_errors(401, 403, 429)},
+        }},
+        "/v1/uploads/init": {"post": {
+            "summary": "Start an upload, or resume the one with the same fingerprint",
+            "security": AUTH,
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": _ref("UploadInit")}}},
+            "responses": {"200": _json(_ref("Upload"), "Resumed"),
+                          "201": _json(_ref("Upload"), "Created"),
+                          **_errors(400, 401, 403, 413, 422, 429)},
+        }},
+        "/v1/uploads/{upload_id}": {"get": {
+            "summary": "Parts received so far", "security": AUTH,
+            "parameters": [_path_param("upload_id")],
+            "responses": {"200": _json(_ref("Upload"), "The upload"),
+                          **_errors(401, 403, 404, 429)},
+        }},
+        "/v1/uploads/{upload_id}/part/{idx}": {"put": {
+            "summary": "Store one part (idempotent)", "security": AUTH,
+            "parameters": [
+                _path_param("upload_id"),
+                _path_param("idx", {"type": "integer", "minimum": 0}),
+                {"name": "X-Part-SHA256", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+            ],
+            "requestBody": {"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": _json(_ref("PartReceipt"), "Stored"),
+                          **_errors(401, 403, 404, 409, 410, 422, 429)},
+        }},
+        "/v1/uploads/{upload_id}/complete": {"post": {
+            "summary": "Assemble, verify the checksum and the MRC header, store the file",
+            "security": AUTH,
+            "parameters": [_path_param("upload_id")],
+            "responses": {"200": _json(_ref("File"), "Already complete"),
+                          "201": _json(_ref("File"), "Complete"),
+                          **_errors(401, 403, 404, 409, 410, 422, 429)},
+        }},
+        "/v1/jobs": {
+            "post": {
+                "summary": "Submit a job on an uploaded file or a server path",
+                "security": AUTH,
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": _ref("JobSubmit")}}},
+                "responses": {"201": _json(_ref("Job"), "Queued"),
+                              **_errors(400, 401, 403, 404, 422, 429)},
+            },
+            "get": {
+                "summary": "Your jobs, newest first (every job for admins)", "security": AUTH,
+                "parameters": [
+                    {"name": "state", "in": "query", "required": False,
+                     "schema": {"type": "string", "enum": ["queued", "running", "previewing",
+                                                           "completed", "failed", "canceled"]}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                ],
+                "responses": {"200": _json(_ref("JobList"), "Jobs"),
+                              **_errors(401, 403, 422, 429)},
+            },
+        },
+        "/v1/jobs/{job_id}": {
+            "get": {
+                "summary": "One job's record", "security": AUTH,
+                "parameters": [_path_param("job_id")],
+                "responses": {"200": _json(_ref("Job"), "The job"),
+                              **_errors(401, 403, 404, 429)},
+            },
+            "delete": {
+                "summary": "Cancel a queued or running job", "security": AUTH,
+                "parameters": [_path_param("job_id")],
+                "responses": {"202": _json(_ref("Job"), "Cancel requested"),
+                              **_errors(401, 403, 404, 409, 429)},
+            },
+        },
+        "/v1/files/{job_id}/{artifact}": {"get": {
+            "summary": "Download an artifact by its signed URL", "security": [],
+            "parameters": [
+                _path_param("job_id"),
+                _path_param("artifact", {"type": "string", "enum": [
+                    "mask.mrc", "mask.nii.gz", "mask.nrrd", "stats.json", "overview.png"]}),
+                {"name": "exp", "in": "query", "required": True, "schema": {"type": "string"}},
+                {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": {"description": "The file",
+                        "content": {"application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}}}},
+                **_errors(403, 404, 410),
+            },
+        }},
+        "/v1/openapi.json": {"get": {
+            "summary": "This document", "security": [],
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0 document")},
+        }},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "CryoMamba server",
+            "version": __version__,
+            "description": "Segment cryo-ET tomograms with nnU-Net v2. The WebSocket "
+            "/v1/ws/jobs/{id} and /metrics are described in docs/server.md.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "bearerFormat": "JWT"}},
+        },
+        "security": AUTH,
+    }

@@ -1,0 +1,120 @@
+"""`ServerSettings`: every knob of the server, from command-line flags or `CRYOMAMBA_SERVER_*`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+__all__ = ["MiB", "ServerSettings", "load_secret"]
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the server needs to know; defaults suit one GPU box serving a small lab."""
+
+    data_dir: Path = Path("cryomamba-data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    roots: tuple[Path, ...] = ()  # folders whose files jobs may name by server path
+    models_dir: Path | None = None
+    models: tuple[str, ...] = ()  # allowed model names; empty = every registered model
+    devices: tuple[str, ...] = ()  # e.g. ("cuda:0", "cuda:1"); empty = one, auto-detected
+    jobs_per_device: int = 1
+    part_size: int = 16 * MiB
+    part_size_min: int = 8 * MiB
+    part_size_max: int = 32 * MiB
+    max_upload_bytes: int = 64 << 30
+    upload_ttl_s: float = 24 * 3600.0
+    upload_concurrency: int = 8  # part PUTs in flight per token
+    rate_limit_per_min: int = 60
+    url_ttl_s: float = 3600.0
+    keepalive_s: float = 25.0
+    on_restart: str = "fail"  # what happens to jobs that were running: "fail" or "requeue"
+    secret_file: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.on_restart not in ("fail", "requeue"):
+            raise ConfigError(
+                f"on_restart must be 'fail' or 'requeue', got {self.on_restart!r}",
+                hint="--on-restart fail marks interrupted jobs failed; requeue runs them again",
+            )
+        if not self.part_size_min <= self.part_size <= self.part_size_max:
+            raise ConfigError(
+                f"part size {self.part_size} is outside {self.part_size_min}..{self.part_size_max}",
+                hint="choose a part size between 8 and 32 MiB",
+            )
+        for name in ("jobs_per_device", "upload_concurrency", "rate_limit_per_min"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ConfigError(
+                "TLS needs both a certificate and a key",
+                hint="pass --ssl-certfile and --ssl-keyfile together",
+            )
+
+    def replace(self, **changes) -> ServerSettings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "cryomamba.sqlite3"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.secret_file or self.data_dir / "secret.key"
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+
+def load_secret(settings: ServerSettings, *, create: bool = True) -> bytes:
+    """The key that signs tokens and URLs: $CRYOMAMBA_SECRET, or a 0600 file made on first boot."""
+    env = os.environ.get("CRYOMAMBA_SECRET")
+    if env:
+        return env.encode()
+    path = settings.secret_path
+    if not path.exists():
+        if not create:
+            raise ConfigError(
+                f"no secret at {path}",
+                hint="start the server once with this --data-dir, or set CRYOMAMBA_SECRET",
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    secret = path.read_text().strip()
+    if len(secret) < 32:
+        raise ConfigError(
+            f"the secret in {path} is too short ({len(secret)} characters)",
+            hint="use at least 32 random characters, e.g. `python -c 'import secrets; "
+            "print(secrets.token_hex(32))'`",
+        )
+    return secret.encode()
