@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _doc import machine, write_block
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -63,22 +64,6 @@ def run_one(engine: str, mrc: Path, model: Path, step: float, threads: int) -> d
     if proc.returncode != 0:
         raise SystemExit(f"{engine} on {mrc.name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-        f"torch {torch.__version__}"
-    )
 
 
 def report(rows: list[dict]) -> str:
@@ -148,29 +133,12 @@ def main() -> None:
 
 
 def write_doc(table: str, rows: list[dict], args, model: Path) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    begin, end = "<!-- engine:begin -->", "<!-- engine:end -->"
-    block = (
-        f"{begin}\n"
+    body = (
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n"
         f"Command: `python benchmarks/engine.py --threads {args.threads}` (model: "
-        f"`{model.name}`, tile step {args.step}, no TTA, CPU, fp32).\n\n"
-        f"{table}\n{end}"
+        f"`{model.name}`, tile step {args.step}, no TTA, CPU, fp32).\n\n{table}"
     )
-    if begin in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = (
-            text.rstrip()
-            + "\n\n## Engine: CryoMamba vs nnU-Net's predict_single_npy_array\n\n"
-            + block
-            + "\n"
-        )
-    doc.parent.mkdir(exist_ok=True)
-    doc.write_text(text)
-    print(f"wrote {doc}")
+    write_block("engine", "Engine: CryoMamba vs nnU-Net's predict_single_npy_array", body)
 
 
 if __name__ == "__main__":
