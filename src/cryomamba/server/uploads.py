@@ -9,6 +9,7 @@ the MRC header with the core `Volume` rules, then renames it into place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -16,12 +17,14 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from ..errors import InvalidVolumeError
@@ -101,6 +104,10 @@ class UploadService:
         self.settings, self.storage, self.metrics = settings, storage, metrics
         self._in_flight: dict[str, int] = {}
         self._complete_locks: dict[str, asyncio.Lock] = {}
+        # Names (upload ids, files in raw/) being written right now, which clean() must
+        # leave alone; clean() sweeps while holding the lock, so no write starts meanwhile.
+        self._busy: Counter[str] = Counter()
+        self._busy_lock = threading.Lock()
 
     def part_dir(self, upload_id: str) -> Path:
         return self.settings.uploads_dir / upload_id
@@ -112,7 +119,11 @@ class UploadService:
         body = await json_body(request)
         filename, size, sha256, part_size = self._check_init(body)
         now = time.time()
-        row = self.storage.resumable_upload(principal.subject, filename, size, sha256, now)
+        # Only a checksum identifies the content: two tomograms of one name and shape have
+        # the same size, and resuming one with the other's parts would mix them silently.
+        row = None
+        if sha256 is not None:
+            row = self.storage.resumable_upload(principal.subject, filename, size, sha256, now)
         if row is not None:
             if row["state"] == "open":
                 self.storage.update_upload(row["id"], expires_at=now + self.settings.upload_ttl_s)
@@ -168,10 +179,15 @@ class UploadService:
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             data = bytearray()
-            async for chunk in request.stream():
-                data += chunk
-                if len(data) > expected:
-                    raise _part_size_error(idx, expected, len(data), more=True)
+            try:
+                async for chunk in request.stream():
+                    data += chunk
+                    if len(data) > expected:
+                        raise _part_size_error(idx, expected, len(data), more=True)
+            except ClientDisconnect:  # the client gave up on this part: nothing to store
+                raise ApiError(400, "client_disconnected",
+                               f"the connection closed after {len(data)} bytes of part {idx}",
+                               "send the part again", retryable=True) from None
             if len(data) != expected:
                 raise _part_size_error(idx, expected, len(data))
             digest = await anyio.to_thread.run_sync(
@@ -206,7 +222,7 @@ class UploadService:
                     "PUT the missing parts, then complete again", retryable=True,
                     details={"missing": missing[:1000]},
                 )
-            file_row = await anyio.to_thread.run_sync(self._assemble, row, parts)
+            file_row = await anyio.to_thread.run_sync(self._assemble, row)
         self._complete_locks.pop(row["id"], None)
         return JSONResponse(file_record(file_row), 201)
 
@@ -217,7 +233,8 @@ class UploadService:
         if not isinstance(filename, str) or not filename.strip():
             raise _bad("`filename` must be a non-empty string", 'e.g. {"filename": "tomo.mrc"}')
         filename = Path(filename.replace("\\", "/")).name
-        if filename in ("", ".", "..") or len(filename) > 255 or "\x00" in filename:
+        if (filename in ("", ".", "..") or len(filename) > 255 or "\x00" in filename
+                or not _utf8(filename)):
             raise _bad(f"`filename` {body['filename']!r} is not a usable file name")
         size = body.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -276,6 +293,20 @@ class UploadService:
         return min(row["part_size"], row["size"] - start)
 
     # -- disk work (worker threads) ---------------------------------------------------------
+    @contextlib.contextmanager
+    def _writing(self, *names: str):
+        """Mark `names` (an upload id, files in raw/) as being written, so clean() skips them."""
+        with self._busy_lock:
+            self._busy.update(names)
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                self._busy.subtract(names)
+                for name in names:
+                    if self._busy[name] <= 0:
+                        del self._busy[name]
+
     def _store_part(self, upload_id: str, idx: int, data: bytearray, claimed: str | None) -> str:
         digest = hashlib.sha256(data).hexdigest()
         if claimed is not None and claimed.lower() != digest:
@@ -284,6 +315,10 @@ class UploadService:
                 f"part {idx} has SHA-256 {digest}, X-Part-SHA256 says {claimed.lower()}",
                 "the part was damaged in transit; send it again", retryable=True,
             )
+        with self._writing(upload_id):
+            return self._write_part(upload_id, idx, data, digest)
+
+    def _write_part(self, upload_id: str, idx: int, data: bytearray, digest: str) -> str:
         held = self.storage.parts(upload_id).get(idx)
         folder = self.part_dir(upload_id)
         final = folder / f"{idx}.part"
@@ -300,13 +335,18 @@ class UploadService:
         self.storage.add_part(upload_id, idx, len(data), digest)
         return digest
 
-    def _assemble(self, row: dict[str, Any], parts: dict[int, Any]) -> dict[str, Any]:
+    def _assemble(self, row: dict[str, Any]) -> dict[str, Any]:
+        file_id = new_id()
+        tmp_name = f".{file_id}.mrc{TMP_MARK}{secrets.token_hex(4)}"
+        with self._writing(row["id"], tmp_name, f"{file_id}.mrc"):
+            return self._assemble_as(row, file_id, tmp_name)
+
+    def _assemble_as(self, row: dict[str, Any], file_id: str, tmp_name: str) -> dict[str, Any]:
         from ..volume import Volume
 
         raw = self.settings.raw_dir
         raw.mkdir(parents=True, exist_ok=True)
-        file_id = new_id()
-        tmp = raw / f".{file_id}.mrc{TMP_MARK}{secrets.token_hex(4)}"
+        tmp = raw / tmp_name
         digest = hashlib.sha256()
         try:
             with open(tmp, "wb") as out:
@@ -372,13 +412,22 @@ class UploadService:
             self.storage.delete_parts(row["id"])
             shutil.rmtree(self.part_dir(row["id"]), ignore_errors=True)
             removed["expired_uploads"] += 1
+        with self._busy_lock:  # no part or assembly starts while we sweep (see _writing)
+            removed["orphans"] = self._sweep(set(self._busy))
+        return removed
+
+    def _sweep(self, busy: set[str]) -> int:
+        """Remove temp files and files no record points to, except those being written."""
+        removed = 0
         open_ids = self.storage.open_upload_ids()
         up = self.settings.uploads_dir
         if up.is_dir():
             for folder in up.iterdir():
+                if folder.name in busy:
+                    continue
                 if folder.name not in open_ids:
                     shutil.rmtree(folder, ignore_errors=True)
-                    removed["orphans"] += 1
+                    removed += 1
                     continue
                 held = self.storage.parts(folder.name)
                 for f in folder.iterdir():
@@ -386,15 +435,24 @@ class UploadService:
                     stem = name.split(".")[0]
                     if TMP_MARK in name or not stem.isdigit() or int(stem) not in held:
                         f.unlink(missing_ok=True)
-                        removed["orphans"] += 1
+                        removed += 1
         raw = self.settings.raw_dir
         if raw.is_dir():
             known = self.storage.file_paths()
             for f in raw.iterdir():
-                if str(f) not in known:
+                if f.name not in busy and str(f) not in known:
                     f.unlink(missing_ok=True)
-                    removed["orphans"] += 1
+                    removed += 1
         return removed
+
+
+def _utf8(text: str) -> bool:
+    """False for text with lone surrogates, which JSON allows but no file name or database can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _part_size_error(idx: int, expected: int, got: int, more: bool = False) -> ApiError:
