@@ -1,7 +1,8 @@
 """Pure-ASGI middleware: request ids and JSON access logs, authentication, rate limits.
 
 Query strings are never logged (signed URLs carry their signature there) and neither is
-the Authorization header, so no token or signature reaches the logs.
+the Authorization header, so no token or signature reaches the logs. A WebSocket's
+`?token=` is taken out of the scope's query string before uvicorn logs the handshake.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import threading
 import time
 import uuid
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -98,12 +100,13 @@ class AuthMiddleware:
         self.app, self.secret = app, secret
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query_token = _take_query_token(scope) if scope["type"] == "websocket" else None
         if scope["type"] not in ("http", "websocket") or _is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
         try:
-            state["principal"] = decode_token(self.secret, self._token(scope))
+            state["principal"] = decode_token(self.secret, self._token(scope, query_token))
         except ApiError as exc:
             if scope["type"] == "websocket":
                 state["auth_error"] = exc
@@ -113,16 +116,25 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
     @staticmethod
-    def _token(scope: Scope) -> str:
+    def _token(scope: Scope, query_token: str | None) -> str:
         header = Headers(scope=scope).get("authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-        if scope["type"] == "websocket":  # browsers cannot set headers on a WebSocket
-            token = QueryParams(scope.get("query_string", b"").decode()).get("token")
-            if token:
-                return token
+        if query_token:  # browsers cannot set headers on a WebSocket
+            return query_token
         raise missing_token()
+
+
+def _take_query_token(scope: Scope) -> str | None:
+    """Take `token` out of the scope's query string, which uvicorn logs at a WebSocket handshake."""
+    query = scope.get("query_string", b"")
+    if b"token" not in query:
+        return None
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    tokens = [v for k, v in pairs if k == "token"]
+    scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != "token"]).encode()
+    return tokens[0] if tokens else None
 
 
 class _Bucket:

@@ -30,6 +30,10 @@ def resolve_server_path(path: str, roots: tuple[Path, ...]) -> Path:
         )
     if not path or "\x00" in path:
         raise _forbidden(path, "empty or contains a NUL byte")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON allows it, no file system does
+        raise _forbidden(path, "it is not valid Unicode") from None
     if ".." in PurePosixPath(path.replace("\\", "/")).parts:
         raise _forbidden(path, "it contains '..'")
     real_roots = [Path(os.path.realpath(r)) for r in roots]
@@ -40,7 +44,7 @@ def resolve_server_path(path: str, roots: tuple[Path, ...]) -> Path:
         if not any(real == r or r in real.parents for r in real_roots):
             escaped = True
             continue
-        if real.is_file():
+        if os.path.isfile(real):  # False, not OSError, for a name too long for the disk
             return real
     if escaped:
         raise _forbidden(path, "it leads outside every root (after resolving links)")
