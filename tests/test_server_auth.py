@@ -396,6 +396,7 @@ def test_signed_artifact_urls(server, job):
         assert_error(anon.get(f"{path}?exp={exp}&sig={tampered}"), 403, "bad_signature")
         assert_error(anon.get(f"{path}?exp={int(exp) + 1}&sig={sig}"), 403, "bad_signature")
         assert_error(anon.get(f"{path}?exp=soon&sig={sig}"), 403, "bad_signature")
+        assert_error(anon.get(f"{path}?exp={exp}&sig=%C3%A9{sig}"), 403, "bad_signature")
         assert_error(anon.get(f"{path}?exp={exp}&sig="), 403, "missing_signature")
         assert_error(anon.get(f"{path}?exp={exp}"), 403, "missing_signature")
         assert_error(anon.get(f"{path}?sig={sig}"), 403, "missing_signature")

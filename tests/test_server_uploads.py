@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -374,6 +375,24 @@ def test_no_resume_without_a_checksum(server, client, tmp_path):
 
 
 # -- complete --------------------------------------------------------------------------------
+def test_concurrent_completes_make_one_file(server, token, tmp_path):
+    before = raw_files(server)
+    data = write_mrc(tmp_path / "twice.mrc", (16, 32, 32), seed=21)
+    with server.client(token) as c:
+        uid = init(c, data, "twice.mrc").json()["upload_id"]
+        assert put(c, uid, 0, data).status_code == 200
+
+    def complete(_) -> httpx.Response:
+        with server.client(token) as c:
+            return c.post(f"/v1/uploads/{uid}/complete")
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(complete, range(4)))
+    assert sorted(r.status_code for r in answers) == [200, 200, 200, 201]
+    assert len({r.json()["file_id"] for r in answers}) == 1
+    assert raw_files(server) - before == {f"{answers[0].json()['file_id']}.mrc"}
+
+
 def test_complete_with_missing_parts(client, fresh_big):
     chunks = parts_of(fresh_big)
     uid = init(client, fresh_big, "missing.mrc").json()["upload_id"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 from dataclasses import dataclass
 
@@ -119,7 +120,9 @@ def check_signature(secret: bytes, job_id: str, artifact: str, exp: str | None, 
     except ValueError:
         raise ApiError(403, "bad_signature", "the URL's `exp` is not an integer",
                        "use the artifact URL exactly as the server gave it") from None
-    if not hmac.compare_digest(_mac(secret, job_id, artifact, exp_i), sig):
+    # as bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500)
+    if not hmac.compare_digest(_mac(secret, job_id, artifact, exp_i).encode(),
+                               sig.encode("utf-8", "surrogateescape")):
         raise ApiError(403, "bad_signature", "the URL's signature does not match",
                        "use the artifact URL exactly as the server gave it")
     if exp_i < time.time():
@@ -136,6 +139,6 @@ def parse_duration(text: str) -> float:
         value = float(text[:-1] if unit != 1 or text[-1:] == "s" else text) * unit
     except ValueError:
         raise ValueError(f"expected a duration like 90s, 15m, 12h or 30d, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"a duration must be positive, got {text!r}")
+    if not value > 0 or math.isinf(value):  # also refuses nan
+        raise ValueError(f"a duration must be positive and finite, got {text!r}")
     return value

@@ -98,7 +98,7 @@ def load_secret(settings: ServerSettings, *, create: bool = True) -> bytes:
     """The key that signs tokens and URLs: $CRYOMAMBA_SECRET, or a 0600 file made on first boot."""
     env = os.environ.get("CRYOMAMBA_SECRET")
     if env:
-        return env.encode()
+        return _long_enough(env, "$CRYOMAMBA_SECRET")
     path = settings.secret_path
     if not path.exists():
         if not create:
@@ -110,10 +110,14 @@ def load_secret(settings: ServerSettings, *, create: bool = True) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32))
-    secret = path.read_text().strip()
+    return _long_enough(path.read_text().strip(), f"the secret in {path}")
+
+
+def _long_enough(secret: str, where: str) -> bytes:
+    """A short secret makes tokens guessable: at least 32 characters, wherever it comes from."""
     if len(secret) < 32:
         raise ConfigError(
-            f"the secret in {path} is too short ({len(secret)} characters)",
+            f"{where} is too short ({len(secret)} characters)",
             hint="use at least 32 random characters, e.g. `python -c 'import secrets; "
             "print(secrets.token_hex(32))'`",
         )
