@@ -316,6 +316,15 @@ def test_init_refuses_bad_json(client, raw, status, code):
     assert_error(resp, status, code)
 
 
+def test_json_bodies_are_bounded(client):
+    huge = b'{"filename": "' + b"a" * (2 * MiB) + b'", "size": 10}'
+    for route in ("/v1/uploads/init", "/v1/jobs"):
+        assert_error(client.post(route, content=huge), 413, "request_too_large")
+        # without a Content-Length the server stops reading at the limit
+        chunks = (huge[i : i + 65536] for i in range(0, len(huge), 65536))
+        assert_error(client.post(route, content=chunks), 413, "request_too_large")
+
+
 def test_init_keeps_only_the_base_name(client):
     rec = init(client, b"x" * 100, "../../etc/passwd").json()
     assert rec["filename"] == "passwd"

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_PARTS = 10_000
+MAX_JSON_BYTES = 1 << 20
 TMP_MARK = ".tmp-"
 
 
@@ -83,8 +84,23 @@ def _bad(message: str, hint: str = "", code: str = "invalid_request") -> ApiErro
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object, or a 400/422 that says what is wrong with it."""
-    raw = await request.body()
+    """The request's JSON object, or a 400/413/422 that says what is wrong with it."""
+    too_large = ApiError(
+        413, "request_too_large", f"the JSON body is larger than {MAX_JSON_BYTES} bytes",
+        "send a small JSON object; file data goes to PUT /v1/uploads/{id}/part/{idx}",
+    )
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_JSON_BYTES:
+        raise too_large
+    raw = bytearray()
+    try:
+        async for chunk in request.stream():  # not request.body(): that reads any size
+            raw += chunk
+            if len(raw) > MAX_JSON_BYTES:
+                raise too_large
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the connection closed mid-request",
+                       "send the request again", retryable=True) from None
     try:
         import json
 
