@@ -445,7 +445,8 @@ def test_artifact_url_expires(tmp_path, tiny_model, root):
 
 
 # -- the log ---------------------------------------------------------------------------------
-def test_no_token_or_signature_in_the_log(server, job):
+def test_no_token_or_signature_in_the_log(server, job, alice_token):
+    """uvicorn logs a WebSocket handshake with its query string before our app answers."""
     token = server.token("logged", "read")
     with server.client(token) as c:
         assert c.get("/v1/jobs").status_code == 200
@@ -464,14 +465,12 @@ def test_no_token_or_signature_in_the_log(server, job):
     ws_messages(ws_url(server, "nope", f"?token={token}"))
     ws_messages(ws_url(server, job["id"], f"?token={token}x"))
 
-    deadline = time.monotonic() + 10
-    while '"status": 101' not in server.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
     log = server.log()
     assert job["id"] in log  # the log is the right one, and written
     sig = art["url"].split("sig=")[1]
-    for secret in (token, alice, sig, bad.split("sig=")[1], token.split(".")[2], "token=", "sig="):
+    for secret in (token, alice, alice_token, token.split(".")[2], sig, bad.split("sig=")[1]):
         assert secret not in log
+    assert "token=" not in log and "sig=" not in log
     assert f"/v1/ws/jobs/{job['id']}?x=1" in log  # the rest of the query is still there
 
 
