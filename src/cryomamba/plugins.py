@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "cryomamba.executors.local",
+    "cryomamba.executors.remote",
     "cryomamba.sinks.builtin",
     "cryomamba.models",
 )
