@@ -1,6 +1,6 @@
 """A real CryoMamba server in a subprocess (uvicorn on 127.0.0.1, a free port) for end-to-end tests.
 
-Use the `live_server` fixture from conftest, or build one yourself::
+Build one in a (module-scoped) fixture::
 
     server = LiveServer(tmp_path / "data", models_dir=..., extra_args=["--rate-limit", "5"])
     server.start()

@@ -62,8 +62,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     opt("part-size", "16M", "default upload part size (8M..32M)", type=_size)
     opt("max-upload-size", "64G", "largest file an upload may announce", type=_size)
     opt("upload-ttl", "24h", "an upload with no activity for this long expires", type=_duration)
-    opt("upload-concurrency", "8", "upload parts in flight at once per token", type=int)
-    opt("rate-limit", "60", "requests per minute per token (upload parts excepted)", type=int)
+    opt("upload-concurrency", "8", "upload parts in flight at once per user", type=int)
+    opt("rate-limit", "60", "requests per minute per user (upload parts excepted)", type=int)
     opt("url-ttl", "1h", "how long signed artifact URLs stay valid", type=_duration)
     opt("keepalive", "25", "seconds between WebSocket pings", type=float)
     opt("on-restart", "fail", "jobs that were running at a crash: fail (retryable) or requeue",

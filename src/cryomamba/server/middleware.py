@@ -145,7 +145,7 @@ class _Bucket:
 
 
 class RateLimitMiddleware:
-    """`per_minute` requests per token (a token bucket); 429 with Retry-After beyond it.
+    """`per_minute` requests per user (token subject), a token bucket; 429 + Retry-After beyond.
 
     Upload parts are exempt: they are limited by how many may be in flight at once instead,
     so a big upload is not throttled by its own part count.

@@ -32,7 +32,7 @@ class ServerSettings:
     part_size_max: int = 32 * MiB
     max_upload_bytes: int = 64 << 30
     upload_ttl_s: float = 24 * 3600.0
-    upload_concurrency: int = 8  # part PUTs in flight per token
+    upload_concurrency: int = 8  # part PUTs in flight per user (token subject)
     rate_limit_per_min: int = 60
     url_ttl_s: float = 3600.0
     keepalive_s: float = 25.0

@@ -188,7 +188,7 @@ class UploadService:
         if self._in_flight.get(key, 0) >= self.settings.upload_concurrency:
             raise ApiError(
                 429, "too_many_parts_in_flight",
-                f"at most {self.settings.upload_concurrency} parts may upload at once per token",
+                f"at most {self.settings.upload_concurrency} parts may upload at once per user",
                 "upload fewer parts in parallel, or retry after a second", retryable=True,
                 headers={"Retry-After": "1"},
             )
