@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from .errors import ApiError, error_response
@@ -30,6 +30,8 @@ from .websocket import job_socket
 __all__ = ["ServerState", "create_app"]
 
 log = logging.getLogger(__name__)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 CLEAN_INTERVAL_S = 600.0
 
@@ -81,13 +83,21 @@ class ServerState:
         self.runner.start()
 
     def _clean_artifacts(self) -> None:
+        """Keep only completed jobs' folders, without leftover temporary files."""
         import shutil
 
         root: Path = self.settings.artifacts_dir
-        for folder in root.iterdir():
-            row = self.storage.job(folder.name)
+        for entry in root.iterdir():
+            row = self.storage.job(entry.name) if entry.is_dir() else None
             if row is None or row["state"] != "completed":
-                shutil.rmtree(folder, ignore_errors=True)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                continue
+            for f in entry.iterdir():
+                if f.name.startswith(".tmp-"):
+                    f.unlink(missing_ok=True)
 
     def shutdown(self) -> None:
         self.runner.stop()
@@ -106,7 +116,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
              405: "see /v1/openapi.json for the methods each route takes"}
     return error_response(ApiError(
         exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
-        hints.get(exc.status_code, ""),
+        hints.get(exc.status_code, ""), headers=dict(exc.headers or {}),  # 405 keeps its Allow
     ))
 
 
@@ -116,6 +126,16 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         500, "internal_error", "the server hit an unexpected error",
         "this is a bug in CryoMamba; please report it with the server log", retryable=True,
     ))
+
+
+def _by_method(**handlers: Endpoint) -> Endpoint:
+    """One endpoint for a path that several methods share, so a 405 lists them all in Allow."""
+    handlers.setdefault("HEAD", handlers["GET"])
+
+    async def endpoint(request: Request) -> Response:
+        return await handlers[request.method](request)
+
+    return endpoint
 
 
 def create_app(settings: ServerSettings) -> Starlette:
@@ -130,10 +150,9 @@ def create_app(settings: ServerSettings) -> Starlette:
         Route("/v1/uploads/{upload_id}", up.status),
         Route("/v1/uploads/{upload_id}/part/{idx}", up.put_part, methods=["PUT"]),
         Route("/v1/uploads/{upload_id}/complete", up.complete, methods=["POST"]),
-        Route("/v1/jobs", jobs.create, methods=["POST"]),
-        Route("/v1/jobs", jobs.list),
-        Route("/v1/jobs/{job_id}", jobs.get),
-        Route("/v1/jobs/{job_id}", jobs.cancel, methods=["DELETE"]),
+        Route("/v1/jobs", _by_method(GET=jobs.list, POST=jobs.create), methods=["GET", "POST"]),
+        Route("/v1/jobs/{job_id}", _by_method(GET=jobs.get, DELETE=jobs.cancel),
+              methods=["GET", "DELETE"]),
         WebSocketRoute("/v1/ws/jobs/{job_id}", job_socket),
         Route("/v1/files/{job_id}/{artifact}", artifact),
         Route("/v1/openapi.json", openapi),

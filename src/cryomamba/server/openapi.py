@@ -6,9 +6,11 @@ by a schemathesis test, so the two cannot drift apart unnoticed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .._version import __version__
+from ..config import FORMATS
 
 __all__ = ["openapi_document"]
 
@@ -33,7 +35,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
         422: "The request is well-formed but its values are not acceptable",
         429: "Rate limited; see Retry-After",
     }
-    return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
+    out = {str(s): _json(_ref("Error"), text[s]) for s in statuses}
+    if 429 in statuses:
+        out["429"]["headers"] = {"Retry-After": {
+            "description": "Seconds to wait", "required": True, "schema": {"type": "integer"}}}
+    return out
 
 
 NULLABLE_NUMBER = {"type": "number", "nullable": True}
@@ -56,16 +62,6 @@ SCHEMAS: dict[str, Any] = {
                     "details": {"type": "object"},
                 },
             }
-        },
-    },
-    "UploadInit": {
-        "type": "object",
-        "required": ["filename", "size"],
-        "properties": {
-            "filename": {"type": "string", "minLength": 1, "maxLength": 255},
-            "size": {"type": "integer", "minimum": 1},
-            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            "part_size": {"type": "integer", "minimum": 8388608, "maximum": 33554432},
         },
     },
     "Upload": {
@@ -110,30 +106,16 @@ SCHEMAS: dict[str, Any] = {
             "created_at": {"type": "number"},
         },
     },
-    "JobConfig": {
-        "type": "object",
-        "description": "cryomamba.JobConfig as JSON; every key is optional",
-        "properties": {
-            "model": {"type": "string"},
-            "folds": {"type": "array", "items": {"type": "integer"}, "nullable": True},
-            "checkpoint": {"type": "string"},
-            "tile_step": {"type": "number"},
-            "mirroring": {"type": "boolean"},
-            "fp16": {"type": "boolean"},
-            "device": {"type": "string"},
-            "tile_batch": {"type": "integer"},
-            "preview_interval_s": {"type": "number"},
-            "preview_scale": {"type": "integer"},
-            "formats": {"type": "array", "items": {"type": "string"}},
-        },
-    },
     "JobSubmit": {
         "type": "object",
+        "description": "exactly one of file_id (an upload) or server_path (under a root)",
+        "additionalProperties": False,
         "properties": {
             "file_id": {"type": "string"},
-            "server_path": {"type": "string"},
+            "server_path": {"type": "string", "minLength": 1},
             "config": _ref("JobConfig"),
         },
+        "oneOf": [{"required": ["file_id"]}, {"required": ["server_path"]}],
     },
     "Progress": {
         "type": "object",
@@ -198,42 +180,124 @@ SCHEMAS: dict[str, Any] = {
 }
 
 _ID = {"type": "string"}
+# A plain file name: no folder part, not "." or "..", not blank (the server keeps the base name).
+FILENAME_PATTERN = r"^[^/\\\x00]*[^/\\\x00\s.][^/\\\x00]*$"
+
+
+def _upload_init_schema(settings) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["filename", "size"],
+        "properties": {
+            "filename": {"type": "string", "minLength": 1, "maxLength": 255,
+                         "pattern": FILENAME_PATTERN},
+            "size": {"type": "integer", "minimum": 1,
+                     **({"maximum": settings.max_upload_bytes} if settings else {})},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "nullable": True},
+            "part_size": {"type": "integer",
+                          "minimum": settings.part_size_min if settings else 8 << 20,
+                          "maximum": settings.part_size_max if settings else 32 << 20},
+        },
+    }
+
+
+def _job_config_schema(models: Sequence[str], devices: Sequence[str]) -> dict[str, Any]:
+    """cryomamba.JobConfig's rules as JSON Schema, with this server's models and devices."""
+    model: dict[str, Any] = {"type": "string", "minLength": 1}
+    if models:
+        model["enum"] = list(models)
+    device: dict[str, Any] = {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]+)?)$"}
+    if devices:
+        device = {"type": "string", "enum": ["auto", *devices]}
+    return {
+        "type": "object",
+        "description": "cryomamba.JobConfig as JSON; every key is optional",
+        "additionalProperties": False,
+        "properties": {
+            "model": model,
+            "folds": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                      "minItems": 1, "uniqueItems": True, "nullable": True},
+            "checkpoint": {"type": "string",
+                           "enum": ["checkpoint_final.pth", "checkpoint_best.pth"]},
+            "tile_step": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                          "maximum": 1},
+            "mirroring": {"type": "boolean"},
+            "fp16": {"type": "boolean"},
+            "device": device,
+            "tile_batch": {"type": "integer", "minimum": 1, "maximum": 64},
+            "preview_interval_s": {"type": "number", "minimum": 0},
+            "preview_scale": {"type": "integer", "minimum": 1, "maximum": 8},
+            "formats": {"type": "array", "items": {"type": "string", "enum": list(FORMATS)}},
+        },
+    }
+
+
+def _linked(response: dict[str, Any], links: dict[str, Any]) -> dict[str, Any]:
+    return {**response, "links": links}
+
+
+def _link(operation: str, **parameters: str) -> dict[str, Any]:
+    return {"operationId": operation, "parameters": parameters}
+
+
+UPLOAD_LINKS = {
+    "GetUpload": _link("getUpload", upload_id="$response.body#/upload_id"),
+    "PutPart": _link("putUploadPart", upload_id="$response.body#/upload_id"),
+    "Complete": _link("completeUpload", upload_id="$response.body#/upload_id"),
+}
+FILE_LINKS = {"SubmitJob": {"operationId": "submitJob",
+                            "requestBody": {"file_id": "$response.body#/file_id"}}}
+JOB_LINKS = {
+    "GetJob": _link("getJob", job_id="$response.body#/id"),
+    "CancelJob": _link("cancelJob", job_id="$response.body#/id"),
+}
 
 
 def _path_param(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema or _ID}
 
 
-def openapi_document() -> dict[str, Any]:
-    """The whole document, served at /v1/openapi.json."""
+def openapi_document(
+    settings=None, *, models: Sequence[str] = (), devices: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The whole document, served at /v1/openapi.json; `settings`, `models` and `devices`
+    narrow it to one server (its upload limits, model names and devices)."""
+    schemas = {
+        **SCHEMAS,
+        "UploadInit": _upload_init_schema(settings),
+        "JobConfig": _job_config_schema(models, devices),
+    }
     paths: dict[str, Any] = {
         "/v1/healthz": {"get": {
-            "summary": "Liveness", "security": [],
+            "operationId": "health", "summary": "Liveness", "security": [],
             "responses": {"200": _json({"type": "object", "required": ["status"],
                                         "properties": {"status": {"type": "string"},
                                                        "version": {"type": "string"}}}, "Alive")},
         }},
         "/v1/server/info": {"get": {
+            "operationId": "serverInfo",
             "summary": "Version, devices, models and limits", "security": AUTH,
             "responses": {"200": _json(_ref("ServerInfo"), "Server info"),
                           **_errors(401, 403, 429)},
         }},
         "/v1/uploads/init": {"post": {
+            "operationId": "initUpload",
             "summary": "Start an upload, or resume the one with the same fingerprint",
             "security": AUTH,
             "requestBody": {"required": True,
                             "content": {"application/json": {"schema": _ref("UploadInit")}}},
-            "responses": {"200": _json(_ref("Upload"), "Resumed"),
-                          "201": _json(_ref("Upload"), "Created"),
+            "responses": {"200": _linked(_json(_ref("Upload"), "Resumed"), UPLOAD_LINKS),
+                          "201": _linked(_json(_ref("Upload"), "Created"), UPLOAD_LINKS),
                           **_errors(400, 401, 403, 413, 422, 429)},
         }},
         "/v1/uploads/{upload_id}": {"get": {
-            "summary": "Parts received so far", "security": AUTH,
+            "operationId": "getUpload", "summary": "Parts received so far", "security": AUTH,
             "parameters": [_path_param("upload_id")],
             "responses": {"200": _json(_ref("Upload"), "The upload"),
                           **_errors(401, 403, 404, 429)},
         }},
         "/v1/uploads/{upload_id}/part/{idx}": {"put": {
+            "operationId": "putUploadPart",
             "summary": "Store one part (idempotent)", "security": AUTH,
             "parameters": [
                 _path_param("upload_id"),
@@ -247,23 +311,26 @@ def openapi_document() -> dict[str, Any]:
                           **_errors(401, 403, 404, 409, 410, 422, 429)},
         }},
         "/v1/uploads/{upload_id}/complete": {"post": {
+            "operationId": "completeUpload",
             "summary": "Assemble, verify the checksum and the MRC header, store the file",
             "security": AUTH,
             "parameters": [_path_param("upload_id")],
-            "responses": {"200": _json(_ref("File"), "Already complete"),
-                          "201": _json(_ref("File"), "Complete"),
+            "responses": {"200": _linked(_json(_ref("File"), "Already complete"), FILE_LINKS),
+                          "201": _linked(_json(_ref("File"), "Complete"), FILE_LINKS),
                           **_errors(401, 403, 404, 409, 410, 422, 429)},
         }},
         "/v1/jobs": {
             "post": {
+                "operationId": "submitJob",
                 "summary": "Submit a job on an uploaded file or a server path",
                 "security": AUTH,
                 "requestBody": {"required": True,
                                 "content": {"application/json": {"schema": _ref("JobSubmit")}}},
-                "responses": {"201": _json(_ref("Job"), "Queued"),
-                              **_errors(400, 401, 403, 404, 422, 429)},
+                "responses": {"201": _linked(_json(_ref("Job"), "Queued"), JOB_LINKS),
+                              **_errors(400, 401, 403, 404, 413, 422, 429)},
             },
             "get": {
+                "operationId": "listJobs",
                 "summary": "Your jobs, newest first (every job for admins)", "security": AUTH,
                 "parameters": [
                     {"name": "state", "in": "query", "required": False,
@@ -278,12 +345,13 @@ def openapi_document() -> dict[str, Any]:
         },
         "/v1/jobs/{job_id}": {
             "get": {
-                "summary": "One job's record", "security": AUTH,
+                "operationId": "getJob", "summary": "One job's record", "security": AUTH,
                 "parameters": [_path_param("job_id")],
                 "responses": {"200": _json(_ref("Job"), "The job"),
                               **_errors(401, 403, 404, 429)},
             },
             "delete": {
+                "operationId": "cancelJob",
                 "summary": "Cancel a queued or running job", "security": AUTH,
                 "parameters": [_path_param("job_id")],
                 "responses": {"202": _json(_ref("Job"), "Cancel requested"),
@@ -291,6 +359,7 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "/v1/files/{job_id}/{artifact}": {"get": {
+            "operationId": "downloadArtifact",
             "summary": "Download an artifact by its signed URL", "security": [],
             "parameters": [
                 _path_param("job_id"),
@@ -300,14 +369,20 @@ def openapi_document() -> dict[str, Any]:
                 {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}},
             ],
             "responses": {
-                "200": {"description": "The file",
-                        "content": {"application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}}}},
+                "200": {
+                    "description": "The file",
+                    "headers": {"X-Checksum-SHA256": {
+                        "description": "The artifact's SHA-256 (hex)", "required": True,
+                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}},
+                    "content": {media: {"schema": {"type": "string", "format": "binary"}}
+                                for media in ("application/octet-stream", "application/gzip",
+                                              "application/json", "image/png")},
+                },
                 **_errors(403, 404, 410),
             },
         }},
         "/v1/openapi.json": {"get": {
-            "summary": "This document", "security": [],
+            "operationId": "openapi", "summary": "This document", "security": [],
             "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0 document")},
         }},
     }
@@ -321,7 +396,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "bearerFormat": "JWT"}},
         },

@@ -76,4 +76,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> JSONResponse:
-    return JSONResponse(openapi_document())
+    server = request.app.state.server
+    return JSONResponse(openapi_document(
+        server.settings, models=server.model_names(), devices=server.devices,
+    ))

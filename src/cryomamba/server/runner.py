@@ -62,6 +62,7 @@ class JobRunner:
         self.devices, self.per_device, self.metrics = devices, per_device, metrics
         self.live: dict[str, Job] = {}
         self._inner: dict[str, Job] = {}
+        self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -119,15 +120,20 @@ class JobRunner:
     # -- what routes call -------------------------------------------------------------------
     def track(self, job_id: str) -> Job:
         """The live `Job` that readers follow (created when the job is queued)."""
-        job = self.live.get(job_id)
-        if job is None:
-            job = Job(job_id, on_cancel=lambda: self._cancel_inner(job_id))
-            self.live[job_id] = job
-        return job
+        with self._lock:  # the route that queued the job and the worker may race here
+            job = self.live.get(job_id)
+            if job is None:
+                job = Job(job_id, on_cancel=lambda: self._cancel_inner(job_id))
+                self.live[job_id] = job
+            return job
 
     def enqueue(self, row: dict[str, Any]) -> Job:
-        self.storage.add_job(row)
-        job = self.track(row["id"])
+        job = self.track(row["id"])  # before the row exists, so no worker can get there first
+        try:
+            self.storage.add_job(row)
+        except BaseException:
+            self.live.pop(row["id"], None)
+            raise
         with self._wake:
             self._wake.notify_all()
         return job
@@ -169,10 +175,11 @@ class JobRunner:
     def _executor(self, device: str):
         from ..executors.local import LocalExecutor
 
-        ex = self._executors.get(device)
-        if ex is None:
-            ex = self._executors[device] = LocalExecutor(max_workers=1)
-        return ex
+        with self._lock:
+            ex = self._executors.get(device)
+            if ex is None:  # one executor per device, running as many jobs as it has slots
+                ex = self._executors[device] = LocalExecutor(max_workers=self.per_device)
+            return ex
 
     def _run(self, row: dict[str, Any], device: str) -> None:
         from ..volume import Volume
