@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -169,17 +170,16 @@ def test_submit_through_the_registry(server, token, tmp_path):
     assert set(result.artifacts) == {"mrc", "stats", "nifti"}
 
 
-def test_arrays_volumes_and_server_paths(server, token, roots, noise_volume, tmp_path):
+def test_arrays_volumes_and_server_paths(server, token, roots, models_dir, noise_volume):
     ex = Recording(server.url, token)
     try:
         vol = Volume.from_array(noise_volume, voxel_size=(20.0, 10.0, 10.0), origin=(1.0, 2.0, 3.0))
         result = ex.submit(vol, JobConfig(model="tiny")).result(120)
         assert result.voxel_size == (20.0, 10.0, 10.0) and result.origin == (1.0, 2.0, 3.0)
-        assert ex.submit(noise_volume[:20], JobConfig(model="tiny")).result(120).shape == (
-            20,
-            40,
-            36,
-        )
+        local = cm.segment(vol, model=models_dir / "tiny")
+        np.testing.assert_array_equal(np.asarray(result.labels), local.labels)
+        part = ex.submit(noise_volume[:20], JobConfig(model="tiny")).result(120)
+        assert part.shape == (20, 40, 36)
         ex.exchanges.clear()
         on_server = write_mrc(roots / "on-server.mrc", seed=5)
         result = ex.submit(ServerPath(on_server.name), JobConfig(model="tiny")).result(120)
@@ -281,6 +281,30 @@ def test_failed_part_puts_are_retried(server, token, tmp_path):
     assert seen == {0: 1, 1: 2, 2: 2, 3: 2}
     assert ex.statuses("POST", "/complete") == [201]
     assert result.provenance["source"]["sha256"] == Volume.open(path).checksum()
+
+
+@pytest.mark.slow
+def test_parts_the_server_lacks_at_complete_are_sent_again(server, token, tmp_path):
+    """A part 'acknowledged' without reaching the server: complete answers 409 missing_parts,
+    and the client sends just that part again."""
+    path = write_mrc(tmp_path / "lost.mrc", padding=20 * MiB, seed=11)  # 3 parts
+    lost = []
+
+    def rule(request, forward):
+        if part_index(request) == 1 and not lost:
+            lost.append(1)
+            digest = request.headers["X-Part-SHA256"]
+            return httpx.Response(200, json={"index": 1, "sha256": digest, "parts_received": 1})
+        return None
+
+    ex = Recording(server.url, token, part_size=8 * MiB, rule=rule)
+    try:
+        result = ex.submit(path, JobConfig(model="tiny")).result(300)
+    finally:
+        ex.close()
+    assert ex.statuses("POST", "/complete") == [409, 201]
+    assert sorted(ex.puts()) == [0, 1, 1, 2]
+    assert result.shape == (30, 40, 36)
 
 
 @pytest.mark.slow
@@ -513,3 +537,32 @@ def test_bad_options_are_config_errors():
         RemoteExecutor("127.0.0.1:8000")
     with pytest.raises(cm.ConfigError):
         RemoteExecutor("http://127.0.0.1:8000", parallel_uploads=0)
+
+
+@pytest.mark.slow
+def test_https_and_wss_with_a_private_certificate(tmp_path, models_dir, monkeypatch):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # for LiveServer's own health check
+    live = LiveServer(
+        tmp_path / "data",
+        models_dir=models_dir,
+        extra_args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
+    )
+    live.url = live.url.replace("http://", "https://")
+    live.start()
+    ex = RemoteExecutor(live.url, live.token("erin"), verify=str(cert))
+    try:
+        result = ex.submit(write_mrc(tmp_path / "tomo.mrc"), JobConfig(model="tiny")).result(120)
+        assert result.shape == (30, 40, 36)
+        assert result.provenance["remote"]["server"].startswith("https://")
+    finally:
+        ex.close()
+        live.stop()
