@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -440,15 +441,17 @@ def test_a_corrupted_download_fails_with_checksum_mismatch(server, token, tmp_pa
     assert not list((tmp_path / "dl").rglob("stats.json"))  # a bad file never takes the name
 
 
-def test_the_token_never_reaches_the_log(server, token, mrc_file, caplog):
+def test_the_token_and_url_signatures_never_reach_the_log(server, token, mrc_file, caplog):
     caplog.set_level(logging.DEBUG)
     ex = RemoteExecutor(server.url, token)
     try:
         ex.submit(mrc_file, JobConfig(model="tiny")).result(120)
     finally:
         ex.close()
-    assert caplog.records
-    assert not [r for r in caplog.records if token in r.getMessage()]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("/v1/files/" in m for m in messages)  # httpx did log the downloads...
+    assert not [m for m in messages if token in m]
+    assert not [m for m in messages if re.search(r"sig=[0-9a-f]", m)]  # ...without signatures
     assert token not in repr(ex)
 
 
@@ -566,3 +569,15 @@ def test_https_and_wss_with_a_private_certificate(tmp_path, models_dir, monkeypa
     finally:
         ex.close()
         live.stop()
+
+
+def test_upload_returns_a_file_id_and_a_second_upload_reuses_it(server, token, mrc_file):
+    ex = RemoteExecutor(server.url, token)
+    try:
+        first = ex.upload(mrc_file)
+        again = ex.upload(mrc_file)
+    finally:
+        ex.close()
+    assert first == again
+    raw = server.data_dir / "raw" / f"{first}.mrc"
+    assert raw.read_bytes() == mrc_file.read_bytes()

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -192,6 +193,15 @@ class RemoteExecutor:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+    def upload(self, path: str | os.PathLike[str]) -> str:
+        """Upload one MRC file (resuming a partial upload of it) and return its server file id.
+
+        Jobs can then name it without sending it again; `submit` calls this itself.
+        """
+        path = Path(path)
+        Volume.open(path).close()  # a corrupt file fails here, before any request
+        return self._upload(path, threading.Event())
 
     # -- one job ----------------------------------------------------------------------------
     def _run(self, job: Job, remote: _Remote, source: Any, config: JobConfig) -> None:
@@ -607,6 +617,7 @@ class RemoteExecutor:
         """The one httpx.Client all threads share; tests override this to wrap the transport."""
         import httpx
 
+        _redact_httpx_log()
         verify = self.verify if self.verify is True else _ssl_context(self.verify)
         limits = httpx.Limits(max_connections=max(10, 2 * self.parallel_uploads))
         return httpx.Client(timeout=self.timeout_s, verify=verify, limits=limits, **kwargs)
@@ -825,6 +836,30 @@ def _ssl_context(verify: bool | str) -> Any:
 
 def _tmpdir() -> str | None:
     return os.environ.get("CRYOMAMBA_TMPDIR") or None
+
+
+_SIG_RE = re.compile(r"([?&]sig=)[^&\s]+")
+
+
+class _RedactSignatures(logging.Filter):
+    """httpx logs each request's URL at INFO; keep signed URLs' signatures out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                _SIG_RE.sub(r"\1<redacted>", str(a)) if "sig=" in str(a) else a
+                for a in record.args
+            )
+        return True
+
+
+_redactor = _RedactSignatures()
+
+
+def _redact_httpx_log() -> None:
+    logger = logging.getLogger("httpx")
+    if _redactor not in logger.filters:
+        logger.addFilter(_redactor)
 
 
 @hookimpl
