@@ -180,8 +180,19 @@ SCHEMAS: dict[str, Any] = {
 }
 
 _ID = {"type": "string"}
-# A plain file name: no folder part, not "." or "..", not blank (the server keeps the base name).
-FILENAME_PATTERN = r"^[^/\\\x00]*[^/\\\x00\s.][^/\\\x00]*$"
+# The upload's file name. The server keeps only its base name (after the last / or \, "."
+# segments dropped), which must not be "." or "..", holds at most 255 characters and no NUL,
+# and the whole name must not be blank: exactly the rule in uploads.py, as a regex.
+_WS = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_CH, _NOT_DOT, _SEP = r"[^/\\\x00]", r"[^/\\\x00.]", r"[/\\]"
+_NAME = rf"(?:{_NOT_DOT}{_CH}{{0,254}}|\.{_NOT_DOT}{_CH}{{0,253}}|\.\.{_CH}{{1,253}})"
+_NAME_NOT_BLANK = (
+    rf"(?:[^{_WS}/\\\x00.]{_CH}{{0,254}}|[{_WS}]{{1,254}}[^{_WS}/\\\x00]{_CH}{{0,253}}"
+    rf"|\.{_NOT_DOT}{_CH}{{0,253}}|\.\.{_CH}{{1,253}})"
+)
+FILENAME_PATTERN = (
+    rf"^(?:[\s\S]*{_SEP}{_NAME}(?:{_SEP}\.?)*|{_NAME}(?:{_SEP}\.?)+|{_NAME_NOT_BLANK})$"
+)
 
 
 def _upload_init_schema(settings) -> dict[str, Any]:
@@ -189,8 +200,8 @@ def _upload_init_schema(settings) -> dict[str, Any]:
         "type": "object",
         "required": ["filename", "size"],
         "properties": {
-            "filename": {"type": "string", "minLength": 1, "maxLength": 255,
-                         "pattern": FILENAME_PATTERN},
+            "filename": {"type": "string", "pattern": FILENAME_PATTERN,
+                         "description": "the file's name; a folder part is dropped"},
             "size": {"type": "integer", "minimum": 1,
                      **({"maximum": settings.max_upload_bytes} if settings else {})},
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "nullable": True},
