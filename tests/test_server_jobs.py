@@ -524,6 +524,14 @@ def test_websocket_refusals_say_why_and_close(server, finished_job, who):
     assert messages[0]["error"]["code"] == expected[who][1]
 
 
+def test_websocket_takes_the_token_as_a_query_parameter(server, finished_job, alice_token):
+    """Browsers cannot set headers on a WebSocket."""
+    url = f"{ws_url(server, finished_job['id'])}?token={alice_token}"
+    with connect(url, open_timeout=30) as ws:
+        messages, code = read_until_closed(ws)
+    assert [m["type"] for m in messages] == ["state", "completed"] and code == 1000
+
+
 # -- metrics and errors ----------------------------------------------------------------------
 def test_metrics_count_jobs_tiles_and_requests(server, alice):
     job = submit(alice)
@@ -567,3 +575,35 @@ def test_errors_are_always_the_json_envelope(server, alice):
         assert "Traceback" not in r.text
     assert set(alice.put("/v1/jobs").headers["allow"].split(", ")) >= {"GET", "POST"}
     assert set(alice.post("/v1/jobs/x").headers["allow"].split(", ")) >= {"GET", "DELETE"}
+
+
+@pytest.mark.slow
+def test_jobs_per_device_runs_that_many_jobs_at_once(server, tmp_path):
+    """With --jobs-per-device 2, two jobs make progress at the same time."""
+    root = server.roots[0]
+    two = LiveServer(
+        tmp_path / "data",
+        models_dir=server.models_dir,
+        roots=[root],
+        extra_args=["--rate-limit", "100000", "--jobs-per-device", "2"],
+    )
+    two.start()
+    try:
+        with two.client(two.token("alice", "read,submit")) as client:
+            jobs = [submit(client, "medium.mrc")["id"] for _ in range(3)]
+            deadline = time.monotonic() + 120
+            while True:
+                records = [client.get(f"/v1/jobs/{j}").json() for j in jobs]
+                busy = [r for r in records if (r["progress"] or {}).get("tiles_done")]
+                assert all(r["state"] not in TERMINAL for r in records), records
+                if len(busy) == 2:
+                    break
+                assert time.monotonic() < deadline, records
+                time.sleep(0.05)
+            assert [r["state"] for r in records[:2]] != ["queued", "queued"]
+            assert records[2]["state"] == "queued" and records[2]["queue_position"] == 0
+            for j in jobs:
+                client.delete(f"/v1/jobs/{j}")
+            assert {wait_for(client, j)["state"] for j in jobs} == {"canceled"}
+    finally:
+        two.stop()

@@ -142,10 +142,25 @@ SCHEMAS: dict[str, Any] = {
             "device": NULLABLE_STRING,
             "queue_position": {"type": "integer", "nullable": True},
             "source": {"type": "object"},
-            "config": _ref("JobConfig"),
-            "model": {"type": "object"},
+            "config": _ref("JobConfigRecord"),
+            "model": {
+                "type": "object",
+                "required": ["name", "sha256"],
+                "properties": {"name": {"type": "string"}, "sha256": NULLABLE_STRING},
+            },
             "progress": _ref("Progress"),
-            "error": {"type": "object", "nullable": True},
+            "error": {
+                "type": "object",
+                "nullable": True,
+                "description": "why a failed job failed",
+                "required": ["code", "message", "hint", "retryable"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "hint": {"type": "string"},
+                    "retryable": {"type": "boolean"},
+                },
+            },
             "artifacts": {
                 "type": "object",
                 "additionalProperties": {
@@ -277,6 +292,9 @@ def openapi_document(
         **SCHEMAS,
         "UploadInit": _upload_init_schema(settings),
         "JobConfig": _job_config_schema(models, devices),
+        # A job keeps the config it was submitted with, even after a restart with other
+        # models or devices: records are checked against the general rules only.
+        "JobConfigRecord": _job_config_schema((), ()),
     }
     paths: dict[str, Any] = {
         "/v1/healthz": {"get": {
