@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from ..hookspecs import hookimpl
 from .callback import CallbackSink
 from .file import FileSink
+from .napari import NapariSink  # imports no napari or Qt until a viewer is used
 
 
 @hookimpl
 def cryomamba_register_sinks(registry) -> None:
     registry.add("callback", CallbackSink)
     registry.add("file", FileSink)
+    # a sink whose packages are missing is simply not offered
+    if all(importlib.util.find_spec(m) is not None for m in ("napari", "superqt", "qtpy")):
+        registry.add("napari", NapariSink)
