@@ -69,8 +69,8 @@ def open_tomo(viewer, path: Path) -> Image:
 
 
 def add_widget(viewer) -> CryoMambaWidget:
-    widget = CryoMambaWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="CryoMamba")
+    """Docked as napari docks it from the Plugins menu (the widget gets a public-only proxy)."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-cryomamba", "CryoMamba")
     return widget
 
 
@@ -382,3 +382,16 @@ def test_screenshot_shows_the_preview(qtbot, make_napari_viewer, tomo_path, tiny
     assert with_preview[..., :3].astype(float).var() > 0
     assert without[..., :3].astype(float).var() > 0  # the tomogram itself is drawn
     assert not np.array_equal(with_preview, without)
+
+
+@pytest.mark.slow
+def test_closing_the_viewer_cancels_the_job(qtbot, make_napari_viewer, big_tomo_path, tiny_model):
+    viewer = make_napari_viewer()
+    open_tomo(viewer, big_tomo_path)
+    widget = add_widget(viewer)
+    choose_model(widget, tiny_model)
+    job = widget.run()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=WAIT_MS)
+    viewer.close()
+    qtbot.waitUntil(lambda: job.done, timeout=WAIT_MS)
+    assert job.state == cm.JobState.CANCELED

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,10 @@ class CryoMambaWidget(QWidget):
         self._started_at = 0.0
         self._export_dir = str(Path.home())
         self._build()
+        # Closing the viewer deletes the widget: cancel its job then. The slot must not hold
+        # the widget itself (it is being destroyed), so it gets the job through a holder.
+        self._running_job: list[cm.Job] = []
+        self.destroyed.connect(partial(_cancel_jobs, self._running_job))
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self.viewer.layers.events.reordered.connect(self._on_layers_changed)
@@ -328,7 +333,7 @@ class CryoMambaWidget(QWidget):
                     "token": self.token_edit.text().strip() or None,
                 }
             sink = NapariSink(
-                self.viewer,
+                _unproxied(self.viewer),
                 name=layer.name,
                 image_layer=layer,
                 throttle_s=self.preview_interval.value(),
@@ -339,6 +344,7 @@ class CryoMambaWidget(QWidget):
             show_error(_message(exc))
             return None
         self.job, self.result = job, None
+        self._running_job[:] = [job]
         self._started_at = time.monotonic()
         self.stats_table.show_stats(None)
         for button in self.export_buttons.values():
@@ -477,6 +483,22 @@ def _set_items(combo: QComboBox, items: Sequence[str]) -> None:
     combo.addItems(list(items))
     if current in items:
         combo.setCurrentText(current)
+
+
+def _unproxied(viewer: Any) -> Any:
+    """The viewer itself, not napari's public-only proxy that plugin widgets are given.
+
+    `NapariSink` is core code (scripts hand it the real viewer) and checks whether the viewer
+    is still open through `window._qt_window`, which the proxy reports as a FutureWarning
+    (napari < 0.10) or hides (napari >= 0.10). The widget itself uses public API only.
+    """
+    return getattr(viewer, "__wrapped__", viewer)
+
+
+def _cancel_jobs(jobs: list[cm.Job], *_: Any) -> None:
+    for job in jobs:
+        if job.cancel():
+            log.info("viewer closed: canceled job %s", job.id)
 
 
 def _local_devices() -> list[str]:
