@@ -6,8 +6,10 @@ subprocess. pytest-xvfb provides the display when Xvfb is installed (scripts/set
 installs it and the libraries as root); do not set QT_QPA_PLATFORM (the offscreen platform
 crashes when vispy draws an image layer).
 
-    from napari_support import require_napari_gui
-    require_napari_gui()  # at module level, before importing napari
+Import the `qapp` override into a test module (`from napari_support import napari_gui,
+qapp`) and every test there that needs a QApplication (qtbot, make_napari_viewer) skips
+with the reason instead of taking the whole run down; the module's other tests still run.
+`require_napari_gui()` skips from anywhere else.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 
 import pytest
 
-__all__ = ["gui_problem", "require_napari_gui"]
+__all__ = ["gui_problem", "napari_gui", "qapp", "require_napari_gui"]
 
 _PROBE = (
     "from qtpy.QtWidgets import QApplication; import vispy.gloo.gl; "
@@ -45,8 +47,8 @@ def gui_problem() -> str | None:
     except subprocess.TimeoutExpired:
         return "Qt did not start within 120 s"
     if proc.returncode != 0 or "ok" not in proc.stdout:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        return f"Qt cannot start here: {lines[-1] if lines else f'exit {proc.returncode}'}"
+        lines = (proc.stderr or proc.stdout).strip().splitlines()  # Qt's first line says why
+        return f"Qt cannot start here: {lines[0] if lines else f'exit {proc.returncode}'}"
     return None
 
 
@@ -55,3 +57,15 @@ def require_napari_gui() -> None:
     problem = gui_problem()
     if problem is not None:
         pytest.skip(problem, allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def napari_gui() -> None:
+    """Skips every test that uses it unless napari and a Qt GUI can run."""
+    require_napari_gui()
+
+
+@pytest.fixture(scope="session")
+def qapp(napari_gui, qapp):
+    """pytest-qt's QApplication, asked for only once `napari_gui` has not skipped."""
+    return qapp

@@ -15,10 +15,11 @@ import pytest
 
 pytest.importorskip("napari")
 pytest.importorskip("napari_cryomamba")
+pytest.importorskip("pytestqt")
 
 from napari.utils.notifications import NotificationSeverity, notification_manager
 from napari_cryomamba._reader import contrast_limits, get_reader, read
-from napari_support import require_napari_gui
+from napari_support import napari_gui, qapp  # noqa: F401  (skip where Qt cannot start)
 from test_volume import REAL, REAL_FILES, Accepted
 
 from cryomamba import InvalidVolumeError, Volume
@@ -45,7 +46,6 @@ def errors():
 
 @pytest.fixture
 def viewer(make_napari_viewer):
-    require_napari_gui()
     return make_napari_viewer()
 
 

@@ -18,16 +18,16 @@ from cryomamba.testing import SinkTests
 
 pytest.importorskip("napari")
 pytest.importorskip("superqt")
+pytest.importorskip("pytestqt")
 
 from napari.utils.notifications import NotificationSeverity, notification_manager
-from napari_support import require_napari_gui
+from napari_support import napari_gui, qapp  # noqa: F401  (skip where Qt cannot start)
 
 SCALE, TRANSLATE = (2.0, 3.0, 4.0), (10.0, 20.0, 30.0)  # (z, y, x) Å
 
 
 @pytest.fixture
 def viewer(make_napari_viewer):
-    require_napari_gui()
     return make_napari_viewer()
 
 
@@ -274,7 +274,6 @@ def test_completed_without_labels_warns(viewer, qtbot, notes):
 
 
 def test_a_closed_viewer_is_left_alone(make_napari_viewer, qtbot):
-    require_napari_gui()
     viewer = make_napari_viewer()
     sink = NapariSink(viewer, throttle_s=0)
     viewer.close()
