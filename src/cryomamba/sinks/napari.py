@@ -108,7 +108,12 @@ class NapariSink:
                 if self._scheduled:
                     return  # a flush is on its way and will take this newer preview
                 self._scheduled = True
-            self._in_main_thread(self._schedule_flush)
+            try:
+                self._in_main_thread(self._schedule_flush)
+            except BaseException:
+                with self._lock:
+                    self._scheduled = False  # so a later preview tries again
+                raise
         elif isinstance(event, (Completed, Failed, Canceled)):
             if isinstance(event, Completed):
                 self.result = event.result
