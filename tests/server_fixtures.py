@@ -82,7 +82,7 @@ class LiveServer:
         raise RuntimeError(f"server did not answer within {timeout} s:\n{self.log()}")
 
     def token(self, subject: str = "tester", scopes: str = "read,upload,submit", ttl: str = "1h"):
-        """Mint a token with the real `cryomamba token create` command (same secret as the server)."""
+        """Mint a token with the real `cryomamba token create` (same secret as the server)."""
         out = subprocess.run(
             [sys.executable, "-m", "cryomamba", "token", "create", "--data-dir",
              str(self.data_dir), "--subject", subject, "--scopes", scopes, "--ttl", ttl],

@@ -1,0 +1,10 @@
+"""The `remote` executor: the client of `cryomamba serve`, behaving exactly like `local`.
+
+`executor.py` holds the executor and its results; `_upload.py` the chunked, resumable
+upload; `_follow.py` the job's WebSocket; `_http.py` requests with retries and errors.
+"""
+
+from ._http import RemoteError
+from .executor import RemoteExecutor, ServerPath, cryomamba_register_executors
+
+__all__ = ["RemoteError", "RemoteExecutor", "ServerPath", "cryomamba_register_executors"]

@@ -1,0 +1,161 @@
+"""Uploads for the remote executor: whole-file hash, parallel parts with retry, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...volume import Volume
+from ._http import _BLOCK, RemoteError, _CanceledSignal, _error_from
+
+log = logging.getLogger(__name__)
+
+
+class UploadMixin:
+    """Send a file in parts (only those the server lacks) and complete it into a file id."""
+
+    def _upload(self, path: Path, cancel: threading.Event) -> str:
+        """Upload `path` in parts (resuming what the server already has); returns its file id."""
+        size = path.stat().st_size
+        body: dict[str, Any] = {
+            "filename": path.name,
+            "size": size,
+            "sha256": _sha256_file(path, cancel),
+        }
+        if self.part_size:
+            body["part_size"] = int(self.part_size)
+        record = self._request("POST", "/v1/uploads/init", json=body, cancel=cancel).json()
+        upload_id = record["upload_id"]
+        for _ in range(self.retries + 1):
+            if record.get("state") == "completed" and record.get("file_id"):
+                log.info("%s is already on the server as %s", path.name, record["file_id"])
+                return str(record["file_id"])
+            have = set(record.get("parts_received") or ())
+            missing = [i for i in range(int(record["parts_total"])) if i not in have]
+            log.info(
+                "uploading %s: %d of %d parts to send",
+                path.name,
+                len(missing),
+                record["parts_total"],
+            )
+            self._put_parts(path, size, upload_id, int(record["part_size"]), missing, cancel)
+            resp = self._request(
+                "POST",
+                f"/v1/uploads/{upload_id}/complete",
+                ok=(409,),
+                cancel=cancel,
+                timeout=self._long_timeout(),
+            )
+            if resp.status_code != 409:
+                return str(resp.json()["file_id"])
+            error = _error_from(resp)
+            if error.code != "missing_parts":
+                raise error
+            record = self._request("GET", f"/v1/uploads/{upload_id}", cancel=cancel).json()
+        raise error
+
+    def _put_parts(
+        self,
+        path: Path,
+        size: int,
+        upload_id: str,
+        part_size: int,
+        parts: list[int],
+        cancel: threading.Event,
+    ) -> None:
+        """PUT `parts` with at most `parallel_uploads` in flight; the first failure stops all."""
+        if not parts:
+            return
+        stop = (cancel, threading.Event())
+        workers = min(self.parallel_uploads, len(parts))
+        with ThreadPoolExecutor(workers, thread_name_prefix="cryomamba-upload") as pool:
+            futures = [
+                pool.submit(self._put_part, path, size, upload_id, part_size, i, stop)
+                for i in parts
+            ]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+            except BaseException:
+                stop[1].set()
+                for future in futures:
+                    future.cancel()
+                raise
+
+    def _put_part(
+        self,
+        path: Path,
+        size: int,
+        upload_id: str,
+        part_size: int,
+        index: int,
+        stop: tuple[threading.Event, ...],
+    ) -> None:
+        if any(e.is_set() for e in stop):
+            raise _CanceledSignal
+        offset = index * part_size
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(min(part_size, size - offset))
+        digest = hashlib.sha256(data).hexdigest()
+        headers = {"X-Part-SHA256": digest, "Content-Type": "application/octet-stream"}
+        resp = self._request(
+            "PUT",
+            f"/v1/uploads/{upload_id}/part/{index}",
+            content=data,
+            headers=headers,
+            cancel=stop,
+        )
+        if resp.json().get("sha256", digest) != digest:
+            raise RemoteError(
+                "checksum_mismatch",
+                f"part {index} of {path.name} arrived damaged",
+                hint="submit again",
+                retryable=True,
+            )
+        log.debug("part %d of %s uploaded (%d bytes)", index, path.name, len(data))
+
+
+def _sha256_file(path: Path, cancel: threading.Event) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            if cancel.is_set():
+                raise _CanceledSignal
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_MRC_MODES = {
+    np.dtype(t): m
+    for t, m in ((np.int8, 0), (np.int16, 1), (np.float32, 2), (np.uint16, 6), (np.float16, 12))
+}
+
+
+def _write_mrc(volume: Volume, path: Path) -> Path:
+    """Write an in-memory volume as MRC (keeping voxel size and origin) so it can be uploaded.
+
+    uint8 becomes int16 (mode 0 would read back as int8) and other types float32.
+    """
+    import mrcfile
+
+    dtype = (
+        volume.dtype
+        if volume.dtype in _MRC_MODES
+        else np.dtype(np.int16 if volume.dtype == np.uint8 else np.float32)
+    )
+    depth = max(1, (64 << 20) // max(1, math.prod(volume.shape[1:]) * dtype.itemsize))
+    with mrcfile.new_mmap(path, shape=volume.shape, mrc_mode=_MRC_MODES[dtype]) as mrc:
+        for z0, slab in volume.iter_slabs(depth):
+            mrc.data[z0 : z0 + slab.shape[0]] = slab.astype(dtype, copy=False)
+        mrc.voxel_size = tuple(volume.voxel_size[::-1])
+        z, y, x = volume.origin
+        mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = x, y, z
+    return path

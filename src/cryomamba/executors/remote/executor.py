@@ -1,0 +1,394 @@
+"""`RemoteExecutor`: the client of `cryomamba serve`, behaving exactly like `local`.
+
+One background thread per job: validate the source locally, upload it in parts (bounded
+parallelism, per-part retry with backoff, resume of an interrupted upload), create the job,
+follow its WebSocket (Progress and Preview as they come, reconnect with backoff), then
+download the signed artifacts, check their sha256 and return a `Segmentation` whose labels
+are memory-mapped from the downloaded mask.mrc.
+
+This module holds the executor's interface and the results; the upload, the WebSocket and
+the HTTP plumbing live beside it as mixins of the same class. httpx and websockets are
+imported inside the methods that need them; the executor is only offered when both are
+installed (the `server` extra).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from ...config import JobConfig
+from ...errors import ConfigError, CryoMambaError, InvalidVolumeError
+from ...events import Canceled, Completed, Failed
+from ...hookspecs import hookimpl
+from ...job import Job, JobState
+from ...segmentation import Segmentation
+from ...sinks.base import as_sink
+from ...volume import Volume
+from ._follow import FollowMixin
+from ._http import (
+    _BLOCK,
+    _UNREACHABLE_HINT,
+    HttpMixin,
+    RemoteError,
+    _CanceledSignal,
+    _tmpdir,
+)
+from ._upload import UploadMixin, _write_mrc
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RemoteExecutor", "ServerPath"]
+
+
+@dataclass(frozen=True)
+class ServerPath:
+    """A file that is already on the server (under one of its `--root` folders): no upload."""
+
+    path: str
+
+
+@dataclass
+class _Remote:
+    """What one job thread shares with `Job.cancel()`: the server's job id, once known."""
+
+    cancel: threading.Event
+    job_id: str | None = None
+    delete_sent: bool = False
+    last_fraction: float = -1.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim_delete(self) -> str | None:
+        """The server job id if a DELETE is due now (once, and only once cancel was asked)."""
+        with self.lock:
+            if self.job_id is None or self.delete_sent or not self.cancel.is_set():
+                return None
+            self.delete_sent = True
+            return self.job_id
+
+
+class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
+    """Runs jobs on a CryoMamba server (`server` URL, bearer `token` or $CRYOMAMBA_TOKEN).
+
+    Results are downloaded into `download_dir/<server job id>/` (default: a temporary folder
+    per executor, left in place because the result's labels are memory-mapped from it).
+    """
+
+    def __init__(
+        self,
+        server: str,
+        token: str | None = None,
+        *,
+        parallel_uploads: int = 4,
+        part_size: int | None = None,
+        retries: int = 6,
+        backoff_s: float = 0.5,
+        timeout_s: float = 60.0,
+        download_dir: str | os.PathLike[str] | None = None,
+        verify: bool | str = True,
+    ) -> None:
+        if not isinstance(server, str) or urlsplit(server).scheme not in ("http", "https"):
+            raise ConfigError(
+                f"server must be an http:// or https:// URL, got {server!r}",
+                hint="e.g. server='http://127.0.0.1:8000'",
+            )
+        if parallel_uploads < 1 or retries < 0 or backoff_s < 0 or timeout_s <= 0:
+            raise ConfigError(
+                "need parallel_uploads >= 1, retries >= 0, backoff_s >= 0 and timeout_s > 0"
+            )
+        self.server = server.rstrip("/")
+        self._token = token if token is not None else os.environ.get("CRYOMAMBA_TOKEN")
+        self.parallel_uploads, self.part_size = parallel_uploads, part_size
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.download_dir = Path(download_dir) if download_dir is not None else None
+        self.verify = verify
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._labels: dict[str, dict[int, str]] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:  # never the token
+        return f"RemoteExecutor({self.server!r})"
+
+    # -- the executor interface -----------------------------------------------------------
+    def submit(self, source: Any, config: JobConfig, sinks: Sequence[Any] = ()) -> Job:
+        """Start uploading and segmenting `source` on the server; returns the `Job` at once."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+
+        def on_cancel() -> None:  # an upload notices the flag itself; a server job needs DELETE
+            job_id = remote.claim_delete()
+            if job_id is not None:
+                threading.Thread(target=self._delete, args=(job_id,), daemon=True).start()
+
+        job = Job(on_cancel=on_cancel, sinks=[as_sink(s) for s in sinks])
+        remote = _Remote(cancel=job.cancel_requested)
+        thread = threading.Thread(
+            target=self._run,
+            args=(job, remote, source, config),
+            name=f"cryomamba-remote-{job.id[:8]}",
+            daemon=True,
+        )
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+        return job
+
+    def close(self) -> None:
+        """Wait for the jobs' threads to end, then close the HTTP client."""
+        self._closed = True
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def upload(self, path: str | os.PathLike[str]) -> str:
+        """Upload one MRC file (resuming a partial upload of it) and return its server file id.
+
+        Jobs can then name it without sending it again; `submit` calls this itself.
+        """
+        path = Path(path)
+        Volume.open(path).close()  # a corrupt file fails here, before any request
+        return self._upload(path, threading.Event())
+
+    # -- one job ----------------------------------------------------------------------------
+    def _run(self, job: Job, remote: _Remote, source: Any, config: JobConfig) -> None:
+        try:
+            job.emit(self._segment(job, remote, source, config))
+        except _CanceledSignal:
+            job.emit(Canceled())
+        except CryoMambaError as exc:
+            job.emit(
+                Failed(
+                    code=exc.code,
+                    message=exc.message,
+                    hint=exc.hint,
+                    retryable=bool(getattr(exc, "retryable", False)),
+                )
+            )
+        except OSError as exc:
+            job.emit(
+                Failed(
+                    code="io_error",
+                    message=str(exc),
+                    retryable=True,
+                    hint="check that the file exists and is readable, and that the "
+                    "temporary and download folders have space",
+                )
+            )
+        except Exception as exc:  # the job must end with an event whatever happens
+            log.exception("remote job %s failed", job.id)
+            job.emit(
+                Failed(
+                    code="internal_error",
+                    message=f"{type(exc).__name__}: {exc}",
+                    hint="this is a bug in CryoMamba; please report it with the log",
+                )
+            )
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _segment(self, job: Job, remote: _Remote, source: Any, config: JobConfig) -> Completed:
+        """Upload, submit, follow to the end, download: the `Completed` event, or raise."""
+        local = _local_volume(source)
+        target = self._upload_source(source, local, remote.cancel)
+        if remote.cancel.is_set():
+            raise _CanceledSignal
+        # the result is built from mask.mrc and stats.json, so the server must write them
+        formats = tuple(dict.fromkeys(("mrc", "stats", *config.formats)))
+        body = {**target, "config": config.replace(formats=formats).to_dict()}
+        record = self._request("POST", "/v1/jobs", json=body, idempotent=False).json()
+        with remote.lock:
+            remote.job_id = str(record["id"])
+        log.info("job %s runs on %s as %s", job.id, self.server, remote.job_id)
+        if remote.claim_delete() is not None:  # canceled while the job was being created
+            self._delete(remote.job_id)
+        record = self._follow(job, remote)
+        if record["state"] == JobState.FAILED:
+            raise RemoteError.from_dict(record.get("error"))
+        if record["state"] == JobState.CANCELED:
+            raise _CanceledSignal
+        return self._download_result(record, config, local)
+
+    def _upload_source(self, source: Any, local: Volume | None, cancel: threading.Event) -> dict:
+        """{"server_path": ...} for a ServerPath, else upload the file and give {"file_id": ...}."""
+        if local is None:
+            return {"server_path": source.path}
+        if local.path is not None:
+            return {"file_id": self._upload(Path(local.path), cancel)}
+        folder = Path(tempfile.mkdtemp(prefix="cryomamba-upload-", dir=_tmpdir()))
+        try:
+            return {"file_id": self._upload(_write_mrc(local, folder / "volume.mrc"), cancel)}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # -- results ------------------------------------------------------------------------------
+    def _download_result(self, record: dict, config: JobConfig, local: Volume | None) -> Completed:
+        """Download the artifacts (checked) and build the `Segmentation` from them."""
+        from ...artifacts import FORMATS
+
+        job_id = str(record["id"])
+        available = dict(record.get("artifacts") or {})
+        wanted = {f: FORMATS[f] for f in ("mrc", "stats", *config.formats)}
+        lacking = [n for f, n in wanted.items() if f in ("mrc", "stats") and n not in available]
+        if lacking:
+            raise RemoteError(
+                "missing_artifact",
+                f"job {job_id} finished without {', '.join(lacking)}",
+                hint="this is a server bug; please report it with the server log",
+            )
+        folder = self._download_root() / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {
+            f: self._download(job_id, n, available, folder / n)
+            for f, n in wanted.items()
+            if n in available
+        }
+        mask = Volume.open(paths["mrc"])
+        labels = mask.data.view(np.uint8) if mask.dtype == np.int8 else mask.data  # mode 0
+        stats = json.loads(paths["stats"].read_text(encoding="utf-8"))
+        provenance = {
+            **(stats.pop("provenance", None) or {}),
+            "remote": {"server": self.server, "job_id": job_id},
+        }
+        label_names = self._label_names(config.model) or {
+            int(e["label"]): str(e["name"]) for e in stats.get("labels", ())
+        }
+        geometry = local if local is not None else mask
+        result = Segmentation(
+            labels=labels,
+            voxel_size=geometry.voxel_size,
+            origin=geometry.origin,
+            label_names=label_names,
+            provenance=provenance,
+            image=local.data if local is not None else None,
+            header=geometry.header if geometry.header is not None else mask.header,
+            artifacts=paths,
+            _stats=stats,
+        )
+        return Completed(result=result, artifacts={f: str(p) for f, p in paths.items()})
+
+    def _download(self, job_id: str, name: str, available: dict, dest: Path) -> Path:
+        """Fetch one artifact to a temporary name, check its sha256, rename it into place.
+
+        An expired or refused signature gets fresh URLs once (`available` is updated).
+        """
+        tmp = dest.with_name(f".part-{dest.name}")
+        try:
+            digest = self._fetch(str(available[name]["url"]), tmp)
+        except RemoteError as exc:
+            if exc.status not in (403, 404, 410):
+                raise
+            available.update(self._request("GET", f"/v1/jobs/{job_id}").json()["artifacts"])
+            digest = self._fetch(str(available[name]["url"]), tmp)
+        expected = available[name].get("sha256")
+        if expected and digest != expected:
+            tmp.unlink(missing_ok=True)
+            raise RemoteError(
+                "checksum_mismatch",
+                f"{name} of job {job_id} does not match "
+                "its sha256 from the server: the download was damaged",
+                hint="submit the job again",
+                retryable=True,
+            )
+        os.replace(tmp, dest)
+        return dest
+
+    def _fetch(self, url: str, dest: Path) -> str:
+        """Stream `url` into `dest`, again from the start if the stream breaks; its sha256."""
+        import httpx
+
+        for attempt in range(self.retries + 1):
+            digest = hashlib.sha256()
+            resp = self._request("GET", url, stream=True)
+            try:
+                with open(dest, "wb") as f:
+                    for chunk in resp.iter_bytes(_BLOCK):
+                        f.write(chunk)
+                        digest.update(chunk)
+                return digest.hexdigest()
+            except httpx.TransportError as exc:
+                if attempt >= self.retries:
+                    raise RemoteError(
+                        "network_error",
+                        f"downloading {urlsplit(url).path} failed: {exc}",
+                        hint=_UNREACHABLE_HINT,
+                        retryable=True,
+                    ) from None
+            finally:
+                resp.close()
+            time.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _label_names(self, model: str) -> dict[int, str]:
+        """The model's label names as the server lists them (every label, background too)."""
+        with self._lock:
+            if model in self._labels:
+                return self._labels[model]
+        try:
+            info = self._request("GET", "/v1/server/info").json()
+            found = {m.get("name"): m.get("labels") for m in info.get("models", ())}
+            names = {int(k): str(v) for k, v in (found.get(model) or {}).items()}
+        except (CryoMambaError, ValueError, TypeError, AttributeError) as exc:
+            log.debug("no label names for %s from the server: %s", model, exc)
+            return {}
+        with self._lock:
+            self._labels[model] = names
+        return names
+
+    def _download_root(self) -> Path:
+        with self._lock:
+            if self.download_dir is None:
+                self.download_dir = Path(
+                    tempfile.mkdtemp(prefix="cryomamba-remote-", dir=_tmpdir())
+                )
+            return self.download_dir
+
+    def _delete(self, job_id: str | None) -> None:
+        """Ask the server to cancel; 409 (already ended) is fine: the WebSocket tells the end."""
+        try:
+            self._request("DELETE", f"/v1/jobs/{job_id}", ok=(409,))
+        except CryoMambaError as exc:
+            log.warning("could not cancel job %s on %s: %s", job_id, self.server, exc)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _local_volume(source: Any) -> Volume | None:
+    """The source as a local `Volume` (validated: a corrupt file fails here), or None."""
+    from ..local import open_source
+
+    if isinstance(source, ServerPath):
+        return None
+    if isinstance(source, (str, os.PathLike, np.ndarray, Volume)):
+        return open_source(source)
+    raise InvalidVolumeError(
+        f"cannot segment a {type(source).__name__}",
+        hint="pass an MRC path, a Volume, a 3D array, or a ServerPath for a file on the server",
+    )
+
+
+@hookimpl
+def cryomamba_register_executors(registry) -> None:
+    # an executor whose packages are missing is simply not offered
+    if all(importlib.util.find_spec(m) is not None for m in ("httpx", "websockets")):
+        registry.add("remote", RemoteExecutor)
