@@ -13,19 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from napari_support import require_napari_gui
 
 import cryomamba as cm
 from cryomamba import synth
 
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-pytest.importorskip("napari_cryomamba")
-if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-    pytest.skip("no display: pytest-xvfb needs Xvfb (scripts/setup.sh)", allow_module_level=True)
+require_napari_gui()  # skips where napari or a Qt GUI cannot start (no Xvfb, no GL libraries)
 
-from napari.layers import Image, Labels
-from napari.utils.notifications import NotificationSeverity, notification_manager
-from napari_cryomamba._widget import CryoMambaWidget, format_eta
+from napari.layers import Image, Labels  # noqa: E402
+from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
+from napari_cryomamba._widget import CryoMambaWidget, format_eta  # noqa: E402
 
 WAIT_MS = 180_000  # generous: a busy 2-core machine; tests wait for outcomes, never time them
 
@@ -78,12 +75,19 @@ def choose_model(widget: CryoMambaWidget, model: str | os.PathLike) -> None:
     widget.model_combo.setCurrentText(os.fspath(model))
 
 
-def wait_until_idle(qtbot, widget: CryoMambaWidget, timeout: int = WAIT_MS) -> None:
+def wait_until_idle(qtbot, widget: CryoMambaWidget, why=lambda: "") -> None:
     """Until the job has ended and the widget has handled its last event."""
-    qtbot.waitUntil(
-        lambda: widget.job is not None and widget.job.done and widget.run_button.isEnabled(),
-        timeout=timeout,
-    )
+    try:
+        qtbot.waitUntil(
+            lambda: widget.job is not None and widget.job.done and widget.run_button.isEnabled(),
+            timeout=WAIT_MS,
+        )
+    except qtbot.TimeoutError:
+        job = widget.job
+        raise AssertionError(
+            f"job {job!r} did not end: last progress {job and job.last_progress}, "
+            f"status {widget.status_label.text()!r}\n{why()}"
+        ) from None
 
 
 def layer_named(viewer, name: str):
@@ -183,6 +187,24 @@ def test_local_run_fills_preview_then_mask_equals_segment(
     assert widget.progress_bar.value() == 1000
     assert widget.status_label.text().startswith("done")
     assert errors(notifications) == []
+
+
+@pytest.mark.slow
+def test_an_array_layer_is_sent_with_its_scale_and_translate(qtbot, viewer, tiny_model):
+    data = synth.synthesize((32, 48, 48), seed=3).volume
+    image = viewer.add_image(data, name="array", scale=(10, 10, 10), translate=(5, 0, -20))
+    widget = add_widget(viewer)
+    choose_model(widget, tiny_model)
+    job = widget.run()
+    wait_until_idle(qtbot, widget)
+    assert job.state == cm.JobState.COMPLETED
+    assert widget.result.voxel_size == (10.0, 10.0, 10.0)
+    assert widget.result.origin == (5.0, 0.0, -20.0)
+    source = cm.Volume.from_array(data, voxel_size=10.0, origin=(5, 0, -20))
+    expected = cm.segment(source, model=tiny_model)
+    mask = wait_for_mask(qtbot, viewer, image.name)
+    assert np.array_equal(np.asarray(mask.data), expected.labels)
+    np.testing.assert_allclose(mask.translate, (5, 0, -20))
 
 
 @pytest.mark.slow
@@ -311,7 +333,9 @@ def qtbot_left():
 
 
 @pytest.mark.slow
-def test_wrong_token_is_a_notification_with_hint(qtbot, viewer, live_server, notifications):
+def test_wrong_token_is_a_notification_with_hint(
+    qtbot, viewer, live_server, notifications, monkeypatch
+):
     widget = add_widget(viewer)
     connect(qtbot, widget, live_server, "not-a-token")
     assert widget.server_info is None
@@ -320,6 +344,11 @@ def test_wrong_token_is_a_notification_with_hint(qtbot, viewer, live_server, not
         body = client.get("/v1/server/info").json()["error"]
     assert message == f"{body['message']} — {body['hint']}"
     assert widget.server_label.text() == f"not connected: {body['message']}"
+
+    # an empty token field falls back to $CRYOMAMBA_TOKEN, as the remote executor does
+    monkeypatch.setenv("CRYOMAMBA_TOKEN", live_server.token("napari", "read"))
+    connect(qtbot, widget, live_server, "")
+    assert widget.server_info is not None and widget.server_info["version"] == cm.__version__
 
 
 @pytest.mark.slow
@@ -339,9 +368,9 @@ def test_server_run_equals_local(qtbot, viewer, live_server, tomo_path, tiny_mod
 
     choose_model(widget, "tiny")
     job = widget.run()
+    wait_until_idle(qtbot, widget, why=lambda: live_server.log()[-5000:])
+    assert job.state == cm.JobState.COMPLETED, (errors(notifications), live_server.log()[-5000:])
     mask = wait_for_mask(qtbot, viewer, image.name)
-    wait_until_idle(qtbot, widget)
-    assert job.state == cm.JobState.COMPLETED, errors(notifications)
     expected = cm.segment(tomo_path, model=tiny_model)
     assert np.array_equal(np.asarray(mask.data), expected.labels)
     assert widget.stats_table.cell_text(0, 1) == f"{expected.stats['labels'][0]['voxel_count']:,}"

@@ -280,7 +280,8 @@ class CryoMambaWidget(QWidget):
 
     def test_connection(self) -> None:
         """GET /v1/server/info in the background; show version, devices and models, or the error."""
-        url, token = self.url_edit.text().strip(), self.token_edit.text().strip() or None
+        url = self.url_edit.text().strip()
+        token = self.token_edit.text().strip() or os.environ.get("CRYOMAMBA_TOKEN")
         self.test_button.setEnabled(False)
         self.server_label.setText(f"connecting to {url} …")
         self._in_background(lambda: fetch_server_info(url, token), self._on_server_info)
@@ -371,6 +372,7 @@ class CryoMambaWidget(QWidget):
             for event in job.events():
                 stats: Any = None
                 if isinstance(event, cm.Completed) and event.result is not None:
+                    self._post(self._on_status, (job, "computing statistics …"))
                     try:
                         stats = event.result.stats
                     except Exception as exc:
@@ -379,6 +381,10 @@ class CryoMambaWidget(QWidget):
         except Exception as exc:  # never leave the widget waiting for an end that won't come
             log.exception("following job %s failed", job.id)
             self._post(self._on_follow_error, (job, exc))
+
+    def _on_status(self, item: tuple[cm.Job, str]) -> None:
+        if item[0] is self.job:
+            self.status_label.setText(item[1])
 
     def _on_follow_error(self, item: tuple[cm.Job, Exception]) -> None:
         job, exc = item
