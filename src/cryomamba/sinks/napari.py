@@ -79,7 +79,9 @@ class NapariSink:
             throttle_s < 0
         ):
             raise ValueError(f"throttle_s must be a finite number >= 0, got {throttle_s!r}")
-        self.viewer = viewer
+        # Plugin widgets get napari's public-only proxy of the viewer; the sink needs the
+        # viewer itself to tell whether its window is still open.
+        self.viewer = _unproxied(viewer)
         self.name = name
         self.image_layer = image_layer
         self.throttle_s = float(throttle_s)
@@ -177,7 +179,7 @@ class NapariSink:
         if self.viewer is None:
             import napari
 
-            self.viewer = napari.current_viewer()
+            self.viewer = _unproxied(napari.current_viewer())
             if self.viewer is None:
                 if not self._told_no_viewer:  # once, not for every preview
                     from napari.utils import notifications
@@ -270,3 +272,8 @@ class NapariSink:
 
     def __repr__(self) -> str:
         return f"NapariSink(name={self.name!r}, throttle_s={self.throttle_s})"
+
+
+def _unproxied(viewer: Any) -> Any:
+    """The viewer behind napari's `PublicOnlyProxy` (or the viewer itself, or None)."""
+    return getattr(viewer, "__wrapped__", viewer)

@@ -334,7 +334,7 @@ class CryoMambaWidget(QWidget):
                     "token": self.token_edit.text().strip() or None,
                 }
             sink = NapariSink(
-                _unproxied(self.viewer),
+                self.viewer,
                 name=layer.name,
                 image_layer=layer,
                 throttle_s=self.preview_interval.value(),
@@ -489,16 +489,6 @@ def _set_items(combo: QComboBox, items: Sequence[str]) -> None:
     combo.addItems(list(items))
     if current in items:
         combo.setCurrentText(current)
-
-
-def _unproxied(viewer: Any) -> Any:
-    """The viewer itself, not napari's public-only proxy that plugin widgets are given.
-
-    `NapariSink` is core code (scripts hand it the real viewer) and checks whether the viewer
-    is still open through `window._qt_window`, which the proxy reports as a FutureWarning
-    (napari < 0.10) or hides (napari >= 0.10). The widget itself uses public API only.
-    """
-    return getattr(viewer, "__wrapped__", viewer)
 
 
 def _cancel_jobs(jobs: list[cm.Job], *_: Any) -> None:
