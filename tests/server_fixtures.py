@@ -22,7 +22,20 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["LiveServer", "free_port"]
+__all__ = ["LiveServer", "assert_error", "free_port"]
+
+
+def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
+    """The one error envelope, with `status` and `code`; returns the inner object."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert list(body) == ["error"]
+    err = body["error"]
+    assert {"code", "message", "hint", "retryable"} <= set(err)
+    assert err["code"] == code, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["retryable"], bool)
+    return err
 
 
 def free_port() -> int:

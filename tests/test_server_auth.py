@@ -17,7 +17,7 @@ import jwt
 import mrcfile
 import numpy as np
 import pytest
-from server_fixtures import LiveServer
+from server_fixtures import LiveServer, assert_error
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -27,18 +27,6 @@ SCOPES_ALL = "read,upload,submit"
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
-    """The one error envelope, with `status` and `code`; returns the inner object."""
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert list(body) == ["error"]
-    err = body["error"]
-    assert {"code", "message", "hint", "retryable"} <= set(err)
-    assert err["code"] == code, err
-    assert isinstance(err["message"], str) and err["message"]
-    return err
-
-
 def write_mrc(path: Path, shape=(16, 32, 32), seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with mrcfile.new(path, overwrite=True) as mrc:

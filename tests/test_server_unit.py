@@ -13,6 +13,7 @@ import anyio
 import httpx
 import jwt
 import pytest
+from server_fixtures import assert_error
 
 from cryomamba.errors import ConfigError
 from cryomamba.server import create_app
@@ -326,23 +327,16 @@ def _run_app(tmp_path: Path, scenario) -> None:
         server.shutdown()
 
 
-def _envelope(resp: httpx.Response, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.text
-    assert list(resp.json()) == ["error"]
-    err = resp.json()["error"]
-    assert err["code"] == code and {"message", "hint", "retryable"} <= set(err)
-    return err
-
-
 def test_app_errors_are_envelopes(tmp_path):
     async def scenario(c: httpx.AsyncClient, token: str) -> None:
         auth = {"Authorization": f"Bearer {token}"}
-        _envelope(await c.get("/v1/jobs"), 401, "missing_token")
-        _envelope(await c.get("/v1/nowhere", headers=auth), 404, "not_found")
-        _envelope(await c.get("/nowhere"), 404, "not_found")
-        err = _envelope(await c.delete("/v1/uploads/init", headers=auth), 405, "method_not_allowed")
+        assert_error(await c.get("/v1/jobs"), 401, "missing_token")
+        assert_error(await c.get("/v1/nowhere", headers=auth), 404, "not_found")
+        assert_error(await c.get("/nowhere"), 404, "not_found")
+        resp = await c.delete("/v1/uploads/init", headers=auth)
+        err = assert_error(resp, 405, "method_not_allowed")
         assert err["retryable"] is False
-        _envelope(await c.get("/v1/uploads/nope", headers=auth), 404, "not_found")
+        assert_error(await c.get("/v1/uploads/nope", headers=auth), 404, "not_found")
         resp = await c.get("/v1/healthz", headers={"X-Request-ID": "abc-1;drop"})
         assert resp.headers["x-request-id"] == "abc-1drop"
 

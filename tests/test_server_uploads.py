@@ -18,7 +18,7 @@ import httpx
 import mrcfile
 import numpy as np
 import pytest
-from server_fixtures import LiveServer
+from server_fixtures import LiveServer, assert_error
 
 MiB = 1 << 20
 PART = 8 * MiB  # the smallest part size the server accepts: a ~20 MiB file has three parts
@@ -36,19 +36,6 @@ def write_mrc(path: Path, shape: tuple[int, int, int], seed: int = 0) -> bytes:
         mrc.set_data(data)
         mrc.voxel_size = (10.0, 10.0, 10.0)
     return path.read_bytes()
-
-
-def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
-    """The one error envelope, with `status` and `code`; returns the inner object."""
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert list(body) == ["error"]
-    err = body["error"]
-    assert {"code", "message", "hint", "retryable"} <= set(err)
-    assert err["code"] == code, err
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["retryable"], bool)
-    return err
 
 
 def parts_of(data: bytes, part_size: int = PART) -> list[bytes]:
