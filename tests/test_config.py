@@ -38,9 +38,10 @@ def test_frozen():
         ({"mirroring": "yes"}, "mirroring"),
     ],
 )
-def test_invalid_values_are_refused_with_the_field_named(changes, phrase):
-    with pytest.raises(ConfigError, match=phrase):
+def test_invalid_values_are_refused_with_the_field_named_and_a_hint(changes, phrase):
+    with pytest.raises(ConfigError, match=phrase) as info:
         JobConfig(**changes)
+    assert info.value.hint, "every refusal says what to do instead"
 
 
 def test_unknown_keys_and_bad_json_are_clear_errors():

@@ -177,8 +177,11 @@ def test_a_submitted_job_is_queued_then_completes_with_signed_artifacts(server, 
         assert first["source"]["shape"] == list(SMALL) and "path" not in first["source"]
         assert first["config"]["tile_step"] == 0.5 and first["config"]["formats"]
         assert first["artifacts"] == {} and first["progress"] is None
+        assert first["source"]["sha256"] is None  # a server path is hashed while it runs
     done = wait_for(alice, first["id"])
     assert done["state"] == "completed", done["error"]
+    small = server.roots[0] / "small.mrc"
+    assert done["source"]["sha256"] == hashlib.sha256(small.read_bytes()).hexdigest()
     assert done["queue_position"] is None and done["started_at"] <= done["finished_at"]
     assert done["progress"]["fraction"] == 1.0
     assert set(done["artifacts"]) == {

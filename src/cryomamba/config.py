@@ -58,9 +58,14 @@ class JobConfig:
                     hint="e.g. folds=[0] or folds=[0, 1, 2, 3, 4]; None uses all",
                 )
             if len(set(self.folds)) != len(self.folds):
-                raise ConfigError(f"folds repeat a fold: {self.folds!r}")
+                raise ConfigError(
+                    f"folds repeat a fold: {self.folds!r}", hint="name each fold once, e.g. [0, 1]"
+                )
         if self.checkpoint not in _CHECKPOINTS:
-            raise ConfigError(f"checkpoint must be one of {_CHECKPOINTS}, got {self.checkpoint!r}")
+            raise ConfigError(
+                f"checkpoint must be one of {_CHECKPOINTS}, got {self.checkpoint!r}",
+                hint="checkpoint_final.pth is what nnU-Net writes at the end of training",
+            )
         if not _is_number(self.tile_step) or not 0 < self.tile_step <= 1:
             raise ConfigError(
                 f"tile_step must be in (0, 1], got {self.tile_step!r}",
@@ -68,21 +73,29 @@ class JobConfig:
             )
         for name in ("mirroring", "fp16"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"{name} must be true or false, got {getattr(self, name)!r}",
+                    hint="use a boolean, not a string or a number",
+                )
         if not _valid_device(self.device):
             raise ConfigError(
-                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
+                hint="'auto' takes the first GPU when there is one, else the CPU",
             )
         if (
             not isinstance(self.tile_batch, int)
             or isinstance(self.tile_batch, bool)
             or not 1 <= self.tile_batch <= 64
         ):
-            raise ConfigError(f"tile_batch must be an integer in 1..64, got {self.tile_batch!r}")
+            raise ConfigError(
+                f"tile_batch must be an integer in 1..64, got {self.tile_batch!r}",
+                hint="1 suits a CPU; a few tiles per call can help a large GPU",
+            )
         if not _is_number(self.preview_interval_s) or self.preview_interval_s < 0:
             raise ConfigError(
                 "preview_interval_s must be a number >= 0 "
-                f"(0 turns previews off), got {self.preview_interval_s!r}"
+                f"(0 turns previews off), got {self.preview_interval_s!r}",
+                hint="seconds between previews; 1 is the default",
             )
         if (
             not isinstance(self.preview_scale, int)
@@ -90,7 +103,8 @@ class JobConfig:
             or not 1 <= self.preview_scale <= 8
         ):
             raise ConfigError(
-                f"preview_scale must be an integer in 1..8, got {self.preview_scale!r}"
+                f"preview_scale must be an integer in 1..8, got {self.preview_scale!r}",
+                hint="the preview is downsampled by this factor per axis; 4 is the default",
             )
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:

@@ -260,10 +260,14 @@ class JobRunner:
             for path in paths.values()
         }
         row = self.storage.job(job_id)
+        source = row["source"]
+        if source.get("sha256") is None:  # a server path: the engine hashed it for provenance
+            source = {**source, "sha256": result.provenance.get("source", {}).get("sha256")}
         self.storage.update_job(
             job_id, state="completed", finished_at=time.time(), artifacts=artifacts,
             progress={**(row["progress"] or {}), "fraction": 1.0, "eta_s": 0.0},
             model={**row["model"], "sha256": result.provenance.get("model", {}).get("sha256")},
+            source=source,
         )
         log.info("job %s completed", job_id)
         job = self.live.pop(job_id, None)
