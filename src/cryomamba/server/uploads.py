@@ -19,6 +19,7 @@ import secrets
 import shutil
 import threading
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,10 @@ class UploadService:
     def __init__(self, settings, storage: Storage, metrics=None) -> None:
         self.settings, self.storage, self.metrics = settings, storage, metrics
         self._in_flight: dict[str, int] = {}
-        self._complete_locks: dict[str, asyncio.Lock] = {}
+        # One lock per upload being completed; an entry lives as long as a request holds it.
+        self._complete_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         # Names (upload ids, files in raw/) being written right now, which clean() must
         # leave alone; clean() sweeps while holding the lock, so no write starts meanwhile.
         self._busy: Counter[str] = Counter()
@@ -239,7 +243,6 @@ class UploadService:
                     details={"missing": missing[:1000]},
                 )
             file_row = await anyio.to_thread.run_sync(self._assemble, row)
-        self._complete_locks.pop(row["id"], None)
         return JSONResponse(file_record(file_row), 201)
 
     # -- checks -----------------------------------------------------------------------------
