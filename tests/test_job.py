@@ -175,3 +175,12 @@ def test_events_survive_a_wire_round_trip():
         event_from_dict(bad)
     with pytest.raises(ValueError, match="unknown event"):
         event_from_dict({"type": "nope"})
+
+
+def test_previews_are_equal_only_to_themselves():
+    """A preview is a snapshot: two are never the same event, whatever they hold (the server
+    caches each event's wire text by identity, so equal-looking previews must not collide)."""
+    a = Preview(scale=2, shape=(2, 2, 2), labels=np.zeros((1, 1, 1), np.uint8))
+    b = Preview(scale=4, shape=(8, 8, 8), labels=np.ones((2, 2, 2), np.uint8))
+    assert a == a and a != b
+    assert len({a, b}) == 2

@@ -365,3 +365,22 @@ def test_app_upload_round_trip(tmp_path, mrc_file):
         assert raw.read_bytes() == data
 
     _run_app(tmp_path, scenario)
+
+
+def test_an_events_wire_text_is_made_once_and_dropped_with_the_event():
+    import gc
+    import json
+
+    import numpy as np
+
+    from cryomamba.events import Preview
+    from cryomamba.server import websocket
+
+    event = Preview(scale=2, shape=(4, 4, 4), labels=np.ones((2, 2, 2), np.uint8), planes_done=4)
+    text = websocket.wire_text(event)
+    assert json.loads(text) == json.loads(json.dumps(event.to_dict()))
+    assert websocket.wire_text(event) is text  # the second socket reuses the first's text
+    assert event in websocket._wire_cache
+    del event
+    gc.collect()
+    assert len(websocket._wire_cache) == 0

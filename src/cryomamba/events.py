@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # subclasses choose; Preview keeps identity semantics
 class Event:
     """Base class; `kind` names the event on the wire."""
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
+import weakref
 from typing import Any
 
+import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..events import Completed
+from ..events import Completed, Event
 from .errors import ApiError
 from .jobs import job_record
 
@@ -46,8 +49,8 @@ async def job_socket(websocket: WebSocket) -> None:
         return
     lock = asyncio.Lock()
 
-    async def send(message: dict[str, Any]) -> None:
-        text = json.dumps(message)
+    async def send(message: dict[str, Any] | str) -> None:
+        text = message if isinstance(message, str) else json.dumps(message)
         async with lock:
             await websocket.send_text(text)
 
@@ -93,7 +96,26 @@ async def _stream(server, row: dict[str, Any], send) -> None:
         if isinstance(event, Completed):
             await send(terminal_message(server, server.storage.job(job_id)))
         else:  # progress, preview, failed, canceled: the event's own wire form
-            await send(event.to_dict())
+            await send(await anyio.to_thread.run_sync(wire_text, event))
+
+
+_wire_cache: weakref.WeakKeyDictionary[Event, str] = weakref.WeakKeyDictionary()
+_wire_lock = threading.Lock()
+
+
+def wire_text(event: Event) -> str:
+    """An event's JSON text, made once however many sockets follow the job.
+
+    A preview of a 10 GB tomogram is tens of MB of base64: it is encoded on a worker thread,
+    not on the event loop, and kept only as long as the event itself is.
+    """
+    with _wire_lock:
+        text = _wire_cache.get(event)
+    if text is None:
+        text = json.dumps(event.to_dict())
+        with _wire_lock:
+            _wire_cache[event] = text
+    return text
 
 
 async def _keepalive(send, interval: float) -> None:
