@@ -92,3 +92,18 @@ def test_cuda_out_of_memory_becomes_a_gpu_oom_failure_with_a_hint(
         assert "tile_batch" in failed.hint and "out of memory" in failed.message
     finally:
         ex.close()
+
+
+def test_failure_maps_exceptions_the_same_way_for_every_executor():
+    from cryomamba.errors import ModelError
+    from cryomamba.executors.base import failure, is_bug
+
+    model = failure(ModelError("unknown model 'x'", hint="see models"), io_hint="-")
+    assert (model.code, model.message, model.hint) == ("invalid_model", "unknown model 'x'",
+                                                       "see models")
+    io = failure(FileNotFoundError(2, "gone", "tomo.mrc"), io_hint="check the file")
+    assert (io.code, io.hint, io.retryable) == ("io_error", "check the file", True)
+    assert failure(MemoryError(), io_hint="-").code == "out_of_memory"
+    bug = failure(KeyError("x"), io_hint="-")
+    assert bug.code == "internal_error" and "KeyError" in bug.message and not bug.retryable
+    assert is_bug(KeyError("x")) and not is_bug(OSError()) and not is_bug(ModelError("m"))

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from ..config import JobConfig
-from ..errors import CryoMambaError
-from ..events import Canceled, Completed, Failed, Preview, Progress
+from ..events import Canceled, Completed, Preview, Progress
 from ..hookspecs import hookimpl
 from ..job import Job, JobState
 from ..segmentation import Segmentation
 from ..sinks.base import as_sink
 from ..volume import Volume
+from .base import failure, is_bug
 
 __all__ = ["LocalExecutor", "open_source"]
 
@@ -132,38 +132,10 @@ class LocalExecutor:
             result = self._segment(job, source, config)
         except _CanceledSignal:
             job.emit(Canceled())
-        except CryoMambaError as exc:
-            job.emit(
-                Failed(code=exc.code, message=exc.message, hint=exc.hint, retryable=exc.retryable)
-            )
-        except OSError as exc:  # a file that vanished, a disk that filled up...
-            job.emit(
-                Failed(
-                    code="io_error",
-                    message=str(exc),
-                    hint="check that the file exists and is readable, and that the temporary "
-                    "folder ($CRYOMAMBA_TMPDIR or the system's) has space",
-                    retryable=True,
-                )
-            )
-        except MemoryError:
-            job.emit(
-                Failed(
-                    code="out_of_memory",
-                    message="the machine ran out of memory",
-                    hint="close other programs or run on a machine with more RAM",
-                    retryable=True,
-                )
-            )
         except Exception as exc:  # the job must end with an event whatever happens
-            log.exception("job %s failed", job.id)
-            job.emit(
-                Failed(
-                    code="internal_error",
-                    message=f"{type(exc).__name__}: {exc}",
-                    hint="this is a bug in CryoMamba; please report it with the log",
-                )
-            )
+            if is_bug(exc):
+                log.exception("job %s failed", job.id)
+            job.emit(failure(exc, io_hint=_IO_HINT))
         else:
             if job.cancel_requested.is_set():
                 job.emit(Canceled())
@@ -250,6 +222,12 @@ class LocalExecutor:
             image=volume.data,
             header=volume.header,
         )
+
+
+_IO_HINT = (
+    "check that the file exists and is readable, and that the temporary folder "
+    "($CRYOMAMBA_TMPDIR or the system's) has space"
+)
 
 
 class _CanceledSignal(Exception):

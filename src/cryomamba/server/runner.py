@@ -17,6 +17,7 @@ from typing import Any
 from ..config import JobConfig
 from ..errors import CryoMambaError
 from ..events import Canceled, Completed, Failed, Preview, Progress
+from ..executors.base import failure
 from ..job import Job
 from .storage import Storage
 
@@ -195,9 +196,10 @@ class JobRunner:
         try:
             volume = Volume.open(row["source"]["path"], sha256=row["source"].get("sha256"))
         except (CryoMambaError, OSError) as exc:
-            code = getattr(exc, "code", "io_error")
-            self._finish(job_id, Failed(code=code, message=str(exc),
-                                        hint=getattr(exc, "hint", ""), retryable=False))
+            self._finish(job_id, failure(
+                exc, io_hint="the job's file is gone or unreadable on the server; tell its "
+                "operator, or upload the file again",
+            ))
             return
         inner = self._executor(device).submit(volume, config)
         self._inner[job_id] = inner

@@ -33,12 +33,13 @@ import numpy as np
 
 from ...config import JobConfig
 from ...errors import ConfigError, CryoMambaError, InvalidVolumeError
-from ...events import Canceled, Completed, Failed
+from ...events import Canceled, Completed
 from ...hookspecs import hookimpl
 from ...job import Job, JobState
 from ...segmentation import Segmentation
 from ...sinks.base import as_sink
 from ...volume import Volume
+from ..base import failure, is_bug
 from ._follow import FollowMixin
 from ._http import (
     _BLOCK,
@@ -176,32 +177,14 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
             job.emit(self._segment(job, remote, source, config))
         except _CanceledSignal:
             job.emit(Canceled())
-        except CryoMambaError as exc:
-            job.emit(
-                Failed(
-                    code=exc.code,
-                    message=exc.message,
-                    hint=exc.hint,
-                    retryable=bool(getattr(exc, "retryable", False)),
-                )
-            )
-        except OSError as exc:
-            job.emit(
-                Failed(
-                    code="io_error",
-                    message=str(exc),
-                    retryable=True,
-                    hint="check that the file exists and is readable, and that the "
-                    "temporary and download folders have space",
-                )
-            )
         except Exception as exc:  # the job must end with an event whatever happens
-            log.exception("remote job %s failed", job.id)
+            if is_bug(exc):
+                log.exception("remote job %s failed", job.id)
             job.emit(
-                Failed(
-                    code="internal_error",
-                    message=f"{type(exc).__name__}: {exc}",
-                    hint="this is a bug in CryoMamba; please report it with the log",
+                failure(
+                    exc,
+                    io_hint="check that the file exists and is readable, and that the "
+                    "temporary and download folders have space",
                 )
             )
         finally:
