@@ -92,15 +92,15 @@ def upload_benchmark(args, work: Path) -> dict:
             server.stop()
             shutil.rmtree(server.data_dir, ignore_errors=True)
         rows.append({"cp_s": cp_s, "cp_sync_s": cp_sync_s, "upload_s": up_s})
-        print(f"upload run {run}: cp {cp_s:.2f} s, cp+fsync {cp_sync_s:.2f} s, "
-              f"upload {up_s:.2f} s", flush=True)
+        print(
+            f"upload run {run}: cp {cp_s:.2f} s, cp+fsync {cp_sync_s:.2f} s, upload {up_s:.2f} s",
+            flush=True,
+        )
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"bytes": size, **med, "runs": rows}
 
 
-async def _client(
-    url: str, token: str, job_id: str, args, out: list[float], poll: bool
-) -> None:
+async def _client(url: str, token: str, job_id: str, args, out: list[float], poll: bool) -> None:
     """One client on its own connection: GETs back to back, or one every `interval` s."""
     import httpx
 
@@ -139,22 +139,26 @@ def latency_benchmark(args, work: Path) -> dict:
     root.mkdir(exist_ok=True)
     write_mrc(synthesize((128, 256, 256), seed=3, snr=1.0), root / "tomo.mrc")  # ~2 min of work
     # The limiter would answer the flat-out clients with 429s; measure the API, not it.
-    server = LiveServer(work / "data-latency", roots=[root],
-                        extra_args=["--rate-limit", "1000000"]).start()
+    server = LiveServer(
+        work / "data-latency", roots=[root], extra_args=["--rate-limit", "1000000"]
+    ).start()
     secret = (server.data_dir / "secret.key").read_text().strip().encode()
     try:
         admin = server.token("owner", "read,submit,admin")
         with server.client(admin) as c:
-            job = c.post("/v1/jobs", json={"server_path": "tomo.mrc",
-                                           "config": {"model": "demo-membrane"}}).json()
+            job = c.post(
+                "/v1/jobs", json={"server_path": "tomo.mrc", "config": {"model": "demo-membrane"}}
+            ).json()
             job_id = job["id"]
             deadline = time.monotonic() + 120
             while c.get(f"/v1/jobs/{job_id}").json()["state"] == "queued":
                 if time.monotonic() > deadline:
                     raise SystemExit("the job never started")
                 time.sleep(0.2)
-            tokens = [mint_token(secret, f"client{i}", ["read", "admin"], 3600)
-                      for i in range(args.clients)]
+            tokens = [
+                mint_token(secret, f"client{i}", ["read", "admin"], 3600)
+                for i in range(args.clients)
+            ]
             polling = asyncio.run(_hammer(server.url, tokens, job_id, args, poll=True))
             flat_out = asyncio.run(_hammer(server.url, tokens, job_id, args, poll=False))
             state = c.get(f"/v1/jobs/{job_id}").json()
@@ -164,14 +168,21 @@ def latency_benchmark(args, work: Path) -> dict:
         server.stop()
     if not still_running:
         print("warning: the job ended before the measurement did", flush=True)
-    return {"polling": _quantiles(polling), "flat_out": _quantiles(flat_out),
-            "job_running_throughout": still_running, "progress": state.get("progress")}
+    return {
+        "polling": _quantiles(polling),
+        "flat_out": _quantiles(flat_out),
+        "job_running_throughout": still_running,
+        "progress": state.get("progress"),
+    }
 
 
 def report(up: dict | None, lat: dict | None, args) -> str:
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
-             f"Command: `python benchmarks/server.py --size-gib {args.size_gib} "
-             f"--clients {args.clients}`.", ""]
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
+        f"Command: `python benchmarks/server.py --size-gib {args.size_gib} "
+        f"--clients {args.clients}`.",
+        "",
+    ]
     if up:
         gib = up["bytes"] / 2**30
         up_rate = up["bytes"] / up["upload_s"] / MiB
@@ -196,15 +207,18 @@ def report(up: dict | None, lat: dict | None, args) -> str:
         ]
     if lat:
         lines += [
-            "| GET /v1/jobs/{id} while a job runs | requests | p50 ms | p95 ms "
-            "| max ms |",
+            "| GET /v1/jobs/{id} while a job runs | requests | p50 ms | p95 ms | max ms |",
             "| --- | ---: | ---: | ---: | ---: |",
         ]
-        for key, what in (("polling", f"each polls every {args.interval:g} s"),
-                          ("flat_out", "each sends the next request as soon as one returns")):
+        for key, what in (
+            ("polling", f"each polls every {args.interval:g} s"),
+            ("flat_out", "each sends the next request as soon as one returns"),
+        ):
             r = lat[key]
-            lines.append(f"| {args.clients} clients, {what} | {r['requests']} | "
-                         f"{r['p50_ms']:.1f} | **{r['p95_ms']:.1f}** | {r['max_ms']:.1f} |")
+            lines.append(
+                f"| {args.clients} clients, {what} | {r['requests']} | "
+                f"{r['p50_ms']:.1f} | **{r['p95_ms']:.1f}** | {r['max_ms']:.1f} |"
+            )
         lines += [
             "",
             f"Each client has its own token and connection; each mode runs {args.duration:g} s. "

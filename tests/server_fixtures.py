@@ -97,9 +97,24 @@ class LiveServer:
     def token(self, subject: str = "tester", scopes: str = "read,upload,submit", ttl: str = "1h"):
         """Mint a token with the real `cryomamba token create` (same secret as the server)."""
         out = subprocess.run(
-            [sys.executable, "-m", "cryomamba", "token", "create", "--data-dir",
-             str(self.data_dir), "--subject", subject, "--scopes", scopes, "--ttl", ttl],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "cryomamba",
+                "token",
+                "create",
+                "--data-dir",
+                str(self.data_dir),
+                "--subject",
+                subject,
+                "--scopes",
+                scopes,
+                "--ttl",
+                ttl,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return out.stdout.strip()
 

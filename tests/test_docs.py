@@ -19,8 +19,9 @@ def test_every_server_flag_is_documented_and_every_documented_flag_exists():
     flags.discard("--help")
     documented = set(re.findall(r"^\| `(--[a-z-]+)`", SERVER_DOC, flags=re.M))
     documented |= set(re.findall(r"^\| `--[a-z-]+`, `(--[a-z-]+)`", SERVER_DOC, flags=re.M))
-    documented |= {f.split()[0] for f in re.findall(r"^\| `(--[a-z-]+ [A-Z]+)`", SERVER_DOC,
-                                                    flags=re.M)}
+    documented |= {
+        f.split()[0] for f in re.findall(r"^\| `(--[a-z-]+ [A-Z]+)`", SERVER_DOC, flags=re.M)
+    }
     assert flags == documented
 
 

@@ -99,8 +99,11 @@ def test_failure_maps_exceptions_the_same_way_for_every_executor():
     from cryomamba.executors.base import failure, is_bug
 
     model = failure(ModelError("unknown model 'x'", hint="see models"), io_hint="-")
-    assert (model.code, model.message, model.hint) == ("invalid_model", "unknown model 'x'",
-                                                       "see models")
+    assert (model.code, model.message, model.hint) == (
+        "invalid_model",
+        "unknown model 'x'",
+        "see models",
+    )
     io = failure(FileNotFoundError(2, "gone", "tomo.mrc"), io_hint="check the file")
     assert (io.code, io.hint, io.retryable) == ("io_error", "check the file", True)
     assert failure(MemoryError(), io_hint="-").code == "out_of_memory"

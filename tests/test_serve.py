@@ -60,7 +60,9 @@ def test_binding_beyond_loopback_without_tls_warns(tmp_path):
 def test_bad_settings_are_one_clear_error(tmp_path, args, message):
     proc = subprocess.run(
         [sys.executable, "-m", "cryomamba.serve", "--data-dir", str(tmp_path / "d"), *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -139,9 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", default="demo-membrane", help=argparse.SUPPRESS)
     add("-q", "--quiet", action="store_true", help="no progress bar or table")
 
-    serve = sub.add_parser("serve", parents=[common], help="run the server (docs/server.md)",
-                           description="run the CryoMamba server (same as python -m "
-                           "cryomamba.serve); every flag has a CRYOMAMBA_SERVER_* variable")
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the server (docs/server.md)",
+        description="run the CryoMamba server (same as python -m "
+        "cryomamba.serve); every flag has a CRYOMAMBA_SERVER_* variable",
+    )
     serve.set_defaults(run=_cmd_serve)
     from .serve import add_server_arguments
 
@@ -152,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", type=Path, default=Path("cryomamba-data"), help="the server's data folder")
     add("--secret-file", type=Path, default=None, help="the server's --secret-file, if set")
     add("--subject", required=True, help="who the token is for (jobs and files belong to it)")
-    add("--scopes", default="read,upload,submit",
-        help="comma-separated: read, upload, submit, admin (default read,upload,submit)")
+    add(
+        "--scopes",
+        default="read,upload,submit",
+        help="comma-separated: read, upload, submit, admin (default read,upload,submit)",
+    )
     add("--ttl", default="30d", help="lifetime, e.g. 12h or 30d (default 30d)")
     return parser
 

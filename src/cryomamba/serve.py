@@ -26,8 +26,9 @@ def _size(text: str) -> int:
             return int(float(t[:-1]) * units[t[-1]])
         return int(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size like 512M or 64G, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"expected a size like 512M or 64G, got {text!r}"
+        ) from None
 
 
 def _duration(text: str) -> float:
@@ -45,16 +46,25 @@ def _env(name: str, default=None):
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
     """The server's flags, each defaulting to its CRYOMAMBA_SERVER_* variable."""
+
     def opt(flag: str, default, help: str, **kw) -> None:
         p.add_argument(f"--{flag}", default=_env(flag, default), help=help, **kw)
 
-    opt("data-dir", "cryomamba-data", "folder for raw/, uploads/, artifacts/ and the database",
-        type=Path)
+    opt(
+        "data-dir",
+        "cryomamba-data",
+        "folder for raw/, uploads/, artifacts/ and the database",
+        type=Path,
+    )
     opt("host", "127.0.0.1", "address to bind (default: loopback only)")
     opt("port", "8000", "port to listen on", type=int)
-    p.add_argument("--root", action="append", type=Path,
-                   default=[Path(r) for r in (_env("root") or "").split(os.pathsep) if r],
-                   help="a folder whose files jobs may name by server path (repeatable)")
+    p.add_argument(
+        "--root",
+        action="append",
+        type=Path,
+        default=[Path(r) for r in (_env("root") or "").split(os.pathsep) if r],
+        help="a folder whose files jobs may name by server path (repeatable)",
+    )
     opt("models-dir", None, "extra models: every sub-folder with a plans.json", type=Path)
     opt("models", "", "comma-separated model names to offer (default: every installed model)")
     opt("devices", "", "comma-separated devices, e.g. cuda:0,cuda:1 (default: all GPUs, or cpu)")
@@ -66,10 +76,19 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     opt("rate-limit", "60", "requests per minute per user (upload parts excepted)", type=int)
     opt("url-ttl", "1h", "how long signed artifact URLs stay valid", type=_duration)
     opt("keepalive", "25", "seconds between WebSocket pings", type=float)
-    opt("on-restart", "fail", "jobs that were running at a crash: fail (retryable) or requeue",
-        choices=["fail", "requeue"])
-    opt("secret-file", None, "file with the token/URL signing secret (default: DATA_DIR/"
-        "secret.key; $CRYOMAMBA_SECRET wins)", type=Path)
+    opt(
+        "on-restart",
+        "fail",
+        "jobs that were running at a crash: fail (retryable) or requeue",
+        choices=["fail", "requeue"],
+    )
+    opt(
+        "secret-file",
+        None,
+        "file with the token/URL signing secret (default: DATA_DIR/"
+        "secret.key; $CRYOMAMBA_SECRET wins)",
+        type=Path,
+    )
     opt("ssl-certfile", None, "TLS certificate (PEM); serve HTTPS with --ssl-keyfile", type=Path)
     opt("ssl-keyfile", None, "TLS private key (PEM)", type=Path)
     opt("log-level", "info", "debug, info, warning or error")
@@ -122,14 +141,20 @@ def run(settings) -> None:
     if not settings.loopback and not settings.tls:
         log.warning(
             "listening on %s without TLS: tokens and data cross the network in clear text; "
-            "pass --ssl-certfile and --ssl-keyfile, or put a TLS proxy in front", settings.host,
+            "pass --ssl-certfile and --ssl-keyfile, or put a TLS proxy in front",
+            settings.host,
         )
     app = create_app(settings)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-        ws_ping_interval=None, timeout_graceful_shutdown=10,
+        ws_ping_interval=None,
+        timeout_graceful_shutdown=10,
     )
 
 
@@ -148,8 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return 2
     except ImportError as exc:
-        print(f"error: the server needs its extra packages ({exc.name} is missing)",
-              file=sys.stderr)
+        print(
+            f"error: the server needs its extra packages ({exc.name} is missing)", file=sys.stderr
+        )
         print("hint: pip install 'cryomamba[server]'", file=sys.stderr)
         return 2
     return 0

@@ -49,8 +49,11 @@ class ServerState:
         self.uploads = UploadService(settings, self.storage, self.metrics)
         self.devices = settings.devices or detect_devices()
         self.runner = JobRunner(
-            self.storage, settings.artifacts_dir, self.devices,
-            per_device=settings.jobs_per_device, metrics=self.metrics,
+            self.storage,
+            settings.artifacts_dir,
+            self.devices,
+            per_device=settings.jobs_per_device,
+            metrics=self.metrics,
         )
 
     def model_names(self) -> list[str]:
@@ -112,20 +115,32 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
-    hints = {404: "see /v1/openapi.json for the routes",
-             405: "see /v1/openapi.json for the methods each route takes"}
-    return error_response(ApiError(
-        exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
-        hints.get(exc.status_code, ""), headers=dict(exc.headers or {}),  # 405 keeps its Allow
-    ))
+    hints = {
+        404: "see /v1/openapi.json for the routes",
+        405: "see /v1/openapi.json for the methods each route takes",
+    }
+    return error_response(
+        ApiError(
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            hints.get(exc.status_code, ""),
+            headers=dict(exc.headers or {}),  # 405 keeps its Allow
+        )
+    )
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(ApiError(
-        500, "internal_error", "the server hit an unexpected error",
-        "this is a bug in CryoMamba; please report it with the server log", retryable=True,
-    ))
+    return error_response(
+        ApiError(
+            500,
+            "internal_error",
+            "the server hit an unexpected error",
+            "this is a bug in CryoMamba; please report it with the server log",
+            retryable=True,
+        )
+    )
 
 
 def _by_method(**handlers: Endpoint) -> Endpoint:
@@ -151,8 +166,11 @@ def create_app(settings: ServerSettings) -> Starlette:
         Route("/v1/uploads/{upload_id}/part/{idx}", up.put_part, methods=["PUT"]),
         Route("/v1/uploads/{upload_id}/complete", up.complete, methods=["POST"]),
         Route("/v1/jobs", _by_method(GET=jobs.list, POST=jobs.create), methods=["GET", "POST"]),
-        Route("/v1/jobs/{job_id}", _by_method(GET=jobs.get, DELETE=jobs.cancel),
-              methods=["GET", "DELETE"]),
+        Route(
+            "/v1/jobs/{job_id}",
+            _by_method(GET=jobs.get, DELETE=jobs.cancel),
+            methods=["GET", "DELETE"],
+        ),
         WebSocketRoute("/v1/ws/jobs/{job_id}", job_socket),
         Route("/v1/files/{job_id}/{artifact}", artifact),
         Route("/v1/openapi.json", openapi),
@@ -176,8 +194,11 @@ def create_app(settings: ServerSettings) -> Starlette:
             Middleware(AuthMiddleware, secret=server.secret),
             Middleware(RateLimitMiddleware, per_minute=settings.rate_limit_per_min),
         ],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error,
-                            Exception: _internal_error},
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
         lifespan=lifespan,
     )
     app.state.server = server

@@ -29,8 +29,10 @@ __all__ = [
 
 SCOPES = ("read", "upload", "submit", "admin")
 ISSUER = "cryomamba"
-_BEARER_HINT = "send `Authorization: Bearer <token>`; get a token from the server's operator " \
+_BEARER_HINT = (
+    "send `Authorization: Bearer <token>`; get a token from the server's operator "
     "(`cryomamba token create`)"
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,13 @@ def mint_token(secret: bytes, subject: str, scopes: list[str], ttl_s: float) -> 
     if unknown:
         raise ValueError(f"unknown scope(s) {unknown}; choose from {', '.join(SCOPES)}")
     now = int(time.time())
-    claims = {"sub": subject, "scopes": sorted(set(scopes)), "iat": now, "exp": now + int(ttl_s),
-              "iss": ISSUER}
+    claims = {
+        "sub": subject,
+        "scopes": sorted(set(scopes)),
+        "iat": now,
+        "exp": now + int(ttl_s),
+        "iss": ISSUER,
+    }
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
@@ -84,8 +91,9 @@ def decode_token(secret: bytes, token: str) -> Principal:
             401, "token_expired", "the token has expired", "ask for a new token"
         ) from None
     except jwt.InvalidTokenError as exc:
-        raise ApiError(401, "invalid_token", f"the token is not valid: {exc}", _BEARER_HINT) \
-            from None
+        raise ApiError(
+            401, "invalid_token", f"the token is not valid: {exc}", _BEARER_HINT
+        ) from None
     scopes = claims.get("scopes", [])
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise ApiError(401, "invalid_token", "the token's scopes are malformed", _BEARER_HINT)
@@ -112,22 +120,37 @@ def check_signature(secret: bytes, job_id: str, artifact: str, exp: str | None, 
     """403 for a missing or wrong signature, 410 for an expired URL."""
     if not exp or not sig:
         raise ApiError(
-            403, "missing_signature", "this URL needs `exp` and `sig` query parameters",
+            403,
+            "missing_signature",
+            "this URL needs `exp` and `sig` query parameters",
             "take artifact URLs from GET /v1/jobs/{id}; they are signed and expire",
         )
     try:
         exp_i = int(exp)
     except ValueError:
-        raise ApiError(403, "bad_signature", "the URL's `exp` is not an integer",
-                       "use the artifact URL exactly as the server gave it") from None
+        raise ApiError(
+            403,
+            "bad_signature",
+            "the URL's `exp` is not an integer",
+            "use the artifact URL exactly as the server gave it",
+        ) from None
     # as bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500)
-    if not hmac.compare_digest(_mac(secret, job_id, artifact, exp_i).encode(),
-                               sig.encode("utf-8", "surrogateescape")):
-        raise ApiError(403, "bad_signature", "the URL's signature does not match",
-                       "use the artifact URL exactly as the server gave it")
+    if not hmac.compare_digest(
+        _mac(secret, job_id, artifact, exp_i).encode(), sig.encode("utf-8", "surrogateescape")
+    ):
+        raise ApiError(
+            403,
+            "bad_signature",
+            "the URL's signature does not match",
+            "use the artifact URL exactly as the server gave it",
+        )
     if exp_i < time.time():
-        raise ApiError(410, "url_expired", "this download URL has expired",
-                       "GET /v1/jobs/{id} again for fresh artifact URLs")
+        raise ApiError(
+            410,
+            "url_expired",
+            "this download URL has expired",
+            "GET /v1/jobs/{id} again for fresh artifact URLs",
+        )
 
 
 def parse_duration(text: str) -> float:

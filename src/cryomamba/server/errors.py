@@ -57,6 +57,8 @@ def error_response(exc: ApiError) -> JSONResponse:
 
 def not_found(what: str, ident: str) -> ApiError:
     return ApiError(
-        404, "not_found", f"no {what} {ident!r}", f"check the {what} id (it may belong to "
-        "another user, or have expired)"
+        404,
+        "not_found",
+        f"no {what} {ident!r}",
+        f"check the {what} id (it may belong to another user, or have expired)",
     )

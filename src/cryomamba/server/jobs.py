@@ -28,8 +28,12 @@ def job_record(server, row: dict[str, Any]) -> dict[str, Any]:
     progress = row["progress"]
     if live is not None and live.last_progress is not None:
         p = live.last_progress
-        progress = {"fraction": p.fraction, "tiles_done": p.tiles_done,
-                    "tiles_total": p.tiles_total, "eta_s": p.eta_s}
+        progress = {
+            "fraction": p.fraction,
+            "tiles_done": p.tiles_done,
+            "tiles_total": p.tiles_total,
+            "eta_s": p.eta_s,
+        }
     artifacts = {}
     if row["state"] == "completed" and row["artifacts"]:
         for name, info in row["artifacts"].items():
@@ -46,7 +50,8 @@ def job_record(server, row: dict[str, Any]) -> dict[str, Any]:
         "device": row["device"],
         "queue_position": (
             server.storage.queue_position(row["id"], row["created_at"])
-            if row["state"] == "queued" else None
+            if row["state"] == "queued"
+            else None
         ),
         "source": source,
         "config": row["config"],
@@ -68,8 +73,12 @@ class JobRoutes:
         body = await json_body(request)
         unknown = sorted(set(body) - {"file_id", "server_path", "config"})
         if unknown:
-            raise ApiError(422, "invalid_request", f"unknown field(s): {', '.join(unknown)}",
-                           "send {file_id or server_path, config}")
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"unknown field(s): {', '.join(unknown)}",
+                "send {file_id or server_path, config}",
+            )
         config = self._config(body.get("config", {}))
         source = await self._source(request, body)
         model = await anyio.to_thread.run_sync(self._model, config.model)
@@ -97,8 +106,12 @@ class JobRoutes:
         principal.require("read")
         state = request.query_params.get("state")
         if state is not None and state not in STATES:
-            raise ApiError(422, "invalid_request", f"unknown state {state!r}",
-                           f"choose from {', '.join(STATES)}")
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"unknown state {state!r}",
+                f"choose from {', '.join(STATES)}",
+            )
         try:
             limit = int(request.query_params.get("limit", "100"))
         except ValueError:
@@ -116,10 +129,15 @@ class JobRoutes:
     async def cancel(self, request: Request) -> JSONResponse:
         request.state.principal.require("submit")
         row = self.owned(request)
-        if row["state"] in ("completed", "failed", "canceled") or \
-                not self.server.runner.cancel(row["id"]):
-            raise ApiError(409, "job_finished", f"the job has already ended ({row['state']})",
-                           "nothing to cancel")
+        if row["state"] in ("completed", "failed", "canceled") or not self.server.runner.cancel(
+            row["id"]
+        ):
+            raise ApiError(
+                409,
+                "job_finished",
+                f"the job has already ended ({row['state']})",
+                "nothing to cancel",
+            )
         return JSONResponse(job_record(self.server, self.server.storage.job(row["id"])), 202)
 
     def owned(self, request: Request) -> dict[str, Any]:
@@ -132,8 +150,12 @@ class JobRoutes:
     # -- helpers ----------------------------------------------------------------------------
     def _config(self, data: Any) -> JobConfig:
         if not isinstance(data, dict):
-            raise ApiError(422, "invalid_config", "`config` must be a JSON object",
-                           'e.g. {"model": "demo-membrane", "tile_step": 0.5}')
+            raise ApiError(
+                422,
+                "invalid_config",
+                "`config` must be a JSON object",
+                'e.g. {"model": "demo-membrane", "tile_step": 0.5}',
+            )
         try:
             config = JobConfig.from_dict(data)
         except CryoMambaError as exc:
@@ -141,35 +163,54 @@ class JobRoutes:
         allowed = self.server.model_names()
         if config.model not in allowed:
             raise ApiError(
-                422, "invalid_model", f"unknown model {config.model!r} on this server",
+                422,
+                "invalid_model",
+                f"unknown model {config.model!r} on this server",
                 f"available: {', '.join(allowed)} (GET /v1/server/info lists them)",
             )
         devices = self.server.devices
         if config.device not in ("auto", *devices):
-            raise ApiError(422, "invalid_config",
-                           f"device {config.device!r} is not one of this server's devices",
-                           f"use auto or one of: {', '.join(devices)}")
+            raise ApiError(
+                422,
+                "invalid_config",
+                f"device {config.device!r} is not one of this server's devices",
+                f"use auto or one of: {', '.join(devices)}",
+            )
         return config
 
     async def _source(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
         file_id, server_path = body.get("file_id"), body.get("server_path")
         if (file_id is None) == (server_path is None):
-            raise ApiError(422, "invalid_request", "give exactly one of `file_id` or `server_path`",
-                           "upload first (POST /v1/uploads/init) to get a file_id")
+            raise ApiError(
+                422,
+                "invalid_request",
+                "give exactly one of `file_id` or `server_path`",
+                "upload first (POST /v1/uploads/init) to get a file_id",
+            )
         if file_id is not None:
             if not isinstance(file_id, str):
                 raise ApiError(422, "invalid_request", "`file_id` must be a string")
             row = self.server.storage.file(file_id)
             if row is None or not request.state.principal.owns(row["owner"]):
                 raise not_found("file", file_id)
-            return {"file_id": file_id, "filename": row["filename"], "path": row["path"],
-                    "sha256": row["sha256"], **row["meta"]}
+            return {
+                "file_id": file_id,
+                "filename": row["filename"],
+                "path": row["path"],
+                "sha256": row["sha256"],
+                **row["meta"],
+            }
         if not isinstance(server_path, str):
             raise ApiError(422, "invalid_request", "`server_path` must be a string")
         path = resolve_server_path(server_path, self.server.settings.roots)
         meta = await anyio.to_thread.run_sync(_describe, path)
-        return {"server_path": server_path, "filename": path.name, "path": str(path),
-                "sha256": None, **meta}
+        return {
+            "server_path": server_path,
+            "filename": path.name,
+            "path": str(path),
+            "sha256": None,
+            **meta,
+        }
 
     def _model(self, name: str) -> dict[str, Any]:
         from ..models import resolve_model
@@ -184,7 +225,10 @@ def _describe(path) -> dict[str, Any]:
 
     try:
         with Volume.open(path) as volume:
-            return {"shape": list(volume.shape), "voxel_size": list(volume.voxel_size),
-                    "dtype": str(volume.dtype)}
+            return {
+                "shape": list(volume.shape),
+                "voxel_size": list(volume.voxel_size),
+                "dtype": str(volume.dtype),
+            }
     except CryoMambaError as exc:
         raise ApiError.from_core(exc) from None

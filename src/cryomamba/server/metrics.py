@@ -36,12 +36,16 @@ class Metrics:
     def __init__(self, count_by_state: Callable[[], dict[str, int]]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "cryomamba_http_requests", "HTTP requests by route and status",
-            ["method", "route", "status"], registry=self.registry,
+            "cryomamba_http_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "cryomamba_http_request_duration_seconds", "Time to answer a request, by route",
-            ["route"], registry=self.registry,
+            "cryomamba_http_request_duration_seconds",
+            "Time to answer a request, by route",
+            ["route"],
+            registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
         self.upload_bytes = Counter(
@@ -51,8 +55,10 @@ class Metrics:
             "cryomamba_tiles", "Tiles predicted", ["device"], registry=self.registry
         )
         self.tiles_per_second = Gauge(
-            "cryomamba_tiles_per_second", "Tile rate of the job running on a device",
-            ["device"], registry=self.registry,
+            "cryomamba_tiles_per_second",
+            "Tile rate of the job running on a device",
+            ["device"],
+            registry=self.registry,
         )
         self.registry.register(_JobStates(count_by_state))
 

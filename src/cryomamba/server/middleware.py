@@ -72,16 +72,21 @@ class RequestContextMiddleware:
             route = self._route(scope)
             principal = scope.get("state", {}).get("principal")
             access_log.info(
-                "%s %s %s", scope.get("method", "WS"), scope["path"], status[0],
-                extra={"fields": {
-                    "request_id": rid,
-                    "method": scope.get("method", "WS"),
-                    "path": scope["path"],  # never the query string: it may hold a signature
-                    "route": route,
-                    "status": status[0],
-                    "ms": round(elapsed * 1000, 2),
-                    "subject": principal.subject if principal else None,
-                }},
+                "%s %s %s",
+                scope.get("method", "WS"),
+                scope["path"],
+                status[0],
+                extra={
+                    "fields": {
+                        "request_id": rid,
+                        "method": scope.get("method", "WS"),
+                        "path": scope["path"],  # never the query string: it may hold a signature
+                        "route": route,
+                        "status": status[0],
+                        "ms": round(elapsed * 1000, 2),
+                        "subject": principal.subject if principal else None,
+                    }
+                },
             )
             if self.metrics is not None:
                 method = scope.get("method", "WS")
@@ -186,9 +191,11 @@ class RateLimitMiddleware:
         if wait > 0:
             retry = max(1, math.ceil(wait))
             exc = ApiError(
-                429, "rate_limited",
+                429,
+                "rate_limited",
                 f"more than {self.per_minute} requests per minute with this token",
-                f"wait {retry} s; clients should honour Retry-After", retryable=True,
+                f"wait {retry} s; clients should honour Retry-After",
+                retryable=True,
                 headers={"Retry-After": str(retry)},
             )
             await error_response(exc)(scope, receive, send)

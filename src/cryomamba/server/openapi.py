@@ -37,8 +37,13 @@ def _errors(*statuses: int) -> dict[str, Any]:
     }
     out = {str(s): _json(_ref("Error"), text[s]) for s in statuses}
     if 429 in statuses:
-        out["429"]["headers"] = {"Retry-After": {
-            "description": "Seconds to wait", "required": True, "schema": {"type": "integer"}}}
+        out["429"]["headers"] = {
+            "Retry-After": {
+                "description": "Seconds to wait",
+                "required": True,
+                "schema": {"type": "integer"},
+            }
+        }
     return out
 
 
@@ -66,8 +71,16 @@ SCHEMAS: dict[str, Any] = {
     },
     "Upload": {
         "type": "object",
-        "required": ["upload_id", "filename", "size", "part_size", "parts_total",
-                     "parts_received", "state", "expires_at"],
+        "required": [
+            "upload_id",
+            "filename",
+            "size",
+            "part_size",
+            "parts_total",
+            "parts_received",
+            "state",
+            "expires_at",
+        ],
         "properties": {
             "upload_id": {"type": "string"},
             "filename": {"type": "string"},
@@ -129,12 +142,22 @@ SCHEMAS: dict[str, Any] = {
     },
     "Job": {
         "type": "object",
-        "required": ["id", "state", "owner", "created_at", "source", "config", "model",
-                     "artifacts"],
+        "required": [
+            "id",
+            "state",
+            "owner",
+            "created_at",
+            "source",
+            "config",
+            "model",
+            "artifacts",
+        ],
         "properties": {
             "id": {"type": "string"},
-            "state": {"type": "string", "enum": ["queued", "running", "previewing",
-                                                 "completed", "failed", "canceled"]},
+            "state": {
+                "type": "string",
+                "enum": ["queued", "running", "previewing", "completed", "failed", "canceled"],
+            },
             "owner": {"type": "string"},
             "created_at": {"type": "number"},
             "started_at": NULLABLE_NUMBER,
@@ -215,14 +238,22 @@ def _upload_init_schema(settings) -> dict[str, Any]:
         "type": "object",
         "required": ["filename", "size"],
         "properties": {
-            "filename": {"type": "string", "pattern": FILENAME_PATTERN,
-                         "description": "the file's name; a folder part is dropped"},
-            "size": {"type": "integer", "minimum": 1,
-                     **({"maximum": settings.max_upload_bytes} if settings else {})},
+            "filename": {
+                "type": "string",
+                "pattern": FILENAME_PATTERN,
+                "description": "the file's name; a folder part is dropped",
+            },
+            "size": {
+                "type": "integer",
+                "minimum": 1,
+                **({"maximum": settings.max_upload_bytes} if settings else {}),
+            },
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "nullable": True},
-            "part_size": {"type": "integer",
-                          "minimum": settings.part_size_min if settings else 8 << 20,
-                          "maximum": settings.part_size_max if settings else 32 << 20},
+            "part_size": {
+                "type": "integer",
+                "minimum": settings.part_size_min if settings else 8 << 20,
+                "maximum": settings.part_size_max if settings else 32 << 20,
+            },
         },
     }
 
@@ -241,12 +272,18 @@ def _job_config_schema(models: Sequence[str], devices: Sequence[str]) -> dict[st
         "additionalProperties": False,
         "properties": {
             "model": model,
-            "folds": {"type": "array", "items": {"type": "integer", "minimum": 0},
-                      "minItems": 1, "uniqueItems": True, "nullable": True},
-            "checkpoint": {"type": "string",
-                           "enum": ["checkpoint_final.pth", "checkpoint_best.pth"]},
-            "tile_step": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
-                          "maximum": 1},
+            "folds": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0},
+                "minItems": 1,
+                "uniqueItems": True,
+                "nullable": True,
+            },
+            "checkpoint": {
+                "type": "string",
+                "enum": ["checkpoint_final.pth", "checkpoint_best.pth"],
+            },
+            "tile_step": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
             "mirroring": {"type": "boolean"},
             "fp16": {"type": "boolean"},
             "device": device,
@@ -271,8 +308,9 @@ UPLOAD_LINKS = {
     "PutPart": _link("putUploadPart", upload_id="$response.body#/upload_id"),
     "Complete": _link("completeUpload", upload_id="$response.body#/upload_id"),
 }
-FILE_LINKS = {"SubmitJob": {"operationId": "submitJob",
-                            "requestBody": {"file_id": "$response.body#/file_id"}}}
+FILE_LINKS = {
+    "SubmitJob": {"operationId": "submitJob", "requestBody": {"file_id": "$response.body#/file_id"}}
+}
 JOB_LINKS = {
     "GetJob": _link("getJob", job_id="$response.body#/id"),
     "CancelJob": _link("cancelJob", job_id="$response.body#/id"),
@@ -297,123 +335,226 @@ def openapi_document(
         "JobConfigRecord": _job_config_schema((), ()),
     }
     paths: dict[str, Any] = {
-        "/v1/healthz": {"get": {
-            "operationId": "health", "summary": "Liveness", "security": [],
-            "responses": {"200": _json({"type": "object", "required": ["status"],
-                                        "properties": {"status": {"type": "string"},
-                                                       "version": {"type": "string"}}}, "Alive")},
-        }},
-        "/v1/server/info": {"get": {
-            "operationId": "serverInfo",
-            "summary": "Version, devices, models and limits", "security": AUTH,
-            "responses": {"200": _json(_ref("ServerInfo"), "Server info"),
-                          **_errors(401, 403, 429)},
-        }},
-        "/v1/uploads/init": {"post": {
-            "operationId": "initUpload",
-            "summary": "Start an upload, or resume the one with the same fingerprint",
-            "security": AUTH,
-            "requestBody": {"required": True,
-                            "content": {"application/json": {"schema": _ref("UploadInit")}}},
-            "responses": {"200": _linked(_json(_ref("Upload"), "Resumed"), UPLOAD_LINKS),
-                          "201": _linked(_json(_ref("Upload"), "Created"), UPLOAD_LINKS),
-                          **_errors(400, 401, 403, 413, 422, 429)},
-        }},
-        "/v1/uploads/{upload_id}": {"get": {
-            "operationId": "getUpload", "summary": "Parts received so far", "security": AUTH,
-            "parameters": [_path_param("upload_id")],
-            "responses": {"200": _json(_ref("Upload"), "The upload"),
-                          **_errors(401, 403, 404, 429)},
-        }},
-        "/v1/uploads/{upload_id}/part/{idx}": {"put": {
-            "operationId": "putUploadPart",
-            "summary": "Store one part (idempotent)", "security": AUTH,
-            "parameters": [
-                _path_param("upload_id"),
-                _path_param("idx", {"type": "integer", "minimum": 0}),
-                {"name": "X-Part-SHA256", "in": "header", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
-            ],
-            "requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}},
-            "responses": {"200": _json(_ref("PartReceipt"), "Stored"),
-                          **_errors(401, 403, 404, 409, 410, 422, 429)},
-        }},
-        "/v1/uploads/{upload_id}/complete": {"post": {
-            "operationId": "completeUpload",
-            "summary": "Assemble, verify the checksum and the MRC header, store the file",
-            "security": AUTH,
-            "parameters": [_path_param("upload_id")],
-            "responses": {"200": _linked(_json(_ref("File"), "Already complete"), FILE_LINKS),
-                          "201": _linked(_json(_ref("File"), "Complete"), FILE_LINKS),
-                          **_errors(401, 403, 404, 409, 410, 422, 429)},
-        }},
+        "/v1/healthz": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness",
+                "security": [],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {
+                                "status": {"type": "string"},
+                                "version": {"type": "string"},
+                            },
+                        },
+                        "Alive",
+                    )
+                },
+            }
+        },
+        "/v1/server/info": {
+            "get": {
+                "operationId": "serverInfo",
+                "summary": "Version, devices, models and limits",
+                "security": AUTH,
+                "responses": {
+                    "200": _json(_ref("ServerInfo"), "Server info"),
+                    **_errors(401, 403, 429),
+                },
+            }
+        },
+        "/v1/uploads/init": {
+            "post": {
+                "operationId": "initUpload",
+                "summary": "Start an upload, or resume the one with the same fingerprint",
+                "security": AUTH,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("UploadInit")}},
+                },
+                "responses": {
+                    "200": _linked(_json(_ref("Upload"), "Resumed"), UPLOAD_LINKS),
+                    "201": _linked(_json(_ref("Upload"), "Created"), UPLOAD_LINKS),
+                    **_errors(400, 401, 403, 413, 422, 429),
+                },
+            }
+        },
+        "/v1/uploads/{upload_id}": {
+            "get": {
+                "operationId": "getUpload",
+                "summary": "Parts received so far",
+                "security": AUTH,
+                "parameters": [_path_param("upload_id")],
+                "responses": {
+                    "200": _json(_ref("Upload"), "The upload"),
+                    **_errors(401, 403, 404, 429),
+                },
+            }
+        },
+        "/v1/uploads/{upload_id}/part/{idx}": {
+            "put": {
+                "operationId": "putUploadPart",
+                "summary": "Store one part (idempotent)",
+                "security": AUTH,
+                "parameters": [
+                    _path_param("upload_id"),
+                    _path_param("idx", {"type": "integer", "minimum": 0}),
+                    {
+                        "name": "X-Part-SHA256",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("PartReceipt"), "Stored"),
+                    **_errors(401, 403, 404, 409, 410, 422, 429),
+                },
+            }
+        },
+        "/v1/uploads/{upload_id}/complete": {
+            "post": {
+                "operationId": "completeUpload",
+                "summary": "Assemble, verify the checksum and the MRC header, store the file",
+                "security": AUTH,
+                "parameters": [_path_param("upload_id")],
+                "responses": {
+                    "200": _linked(_json(_ref("File"), "Already complete"), FILE_LINKS),
+                    "201": _linked(_json(_ref("File"), "Complete"), FILE_LINKS),
+                    **_errors(401, 403, 404, 409, 410, 422, 429),
+                },
+            }
+        },
         "/v1/jobs": {
             "post": {
                 "operationId": "submitJob",
                 "summary": "Submit a job on an uploaded file or a server path",
                 "security": AUTH,
-                "requestBody": {"required": True,
-                                "content": {"application/json": {"schema": _ref("JobSubmit")}}},
-                "responses": {"201": _linked(_json(_ref("Job"), "Queued"), JOB_LINKS),
-                              **_errors(400, 401, 403, 404, 413, 422, 429)},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("JobSubmit")}},
+                },
+                "responses": {
+                    "201": _linked(_json(_ref("Job"), "Queued"), JOB_LINKS),
+                    **_errors(400, 401, 403, 404, 413, 422, 429),
+                },
             },
             "get": {
                 "operationId": "listJobs",
-                "summary": "Your jobs, newest first (every job for admins)", "security": AUTH,
+                "summary": "Your jobs, newest first (every job for admins)",
+                "security": AUTH,
                 "parameters": [
-                    {"name": "state", "in": "query", "required": False,
-                     "schema": {"type": "string", "enum": ["queued", "running", "previewing",
-                                                           "completed", "failed", "canceled"]}},
-                    {"name": "limit", "in": "query", "required": False,
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "string",
+                            "enum": [
+                                "queued",
+                                "running",
+                                "previewing",
+                                "completed",
+                                "failed",
+                                "canceled",
+                            ],
+                        },
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
                 ],
-                "responses": {"200": _json(_ref("JobList"), "Jobs"),
-                              **_errors(401, 403, 422, 429)},
+                "responses": {"200": _json(_ref("JobList"), "Jobs"), **_errors(401, 403, 422, 429)},
             },
         },
         "/v1/jobs/{job_id}": {
             "get": {
-                "operationId": "getJob", "summary": "One job's record", "security": AUTH,
+                "operationId": "getJob",
+                "summary": "One job's record",
+                "security": AUTH,
                 "parameters": [_path_param("job_id")],
-                "responses": {"200": _json(_ref("Job"), "The job"),
-                              **_errors(401, 403, 404, 429)},
+                "responses": {"200": _json(_ref("Job"), "The job"), **_errors(401, 403, 404, 429)},
             },
             "delete": {
                 "operationId": "cancelJob",
-                "summary": "Cancel a queued or running job", "security": AUTH,
+                "summary": "Cancel a queued or running job",
+                "security": AUTH,
                 "parameters": [_path_param("job_id")],
-                "responses": {"202": _json(_ref("Job"), "Cancel requested"),
-                              **_errors(401, 403, 404, 409, 429)},
+                "responses": {
+                    "202": _json(_ref("Job"), "Cancel requested"),
+                    **_errors(401, 403, 404, 409, 429),
+                },
             },
         },
-        "/v1/files/{job_id}/{artifact}": {"get": {
-            "operationId": "downloadArtifact",
-            "summary": "Download an artifact by its signed URL", "security": [],
-            "parameters": [
-                _path_param("job_id"),
-                _path_param("artifact", {"type": "string", "enum": [
-                    "mask.mrc", "mask.nii.gz", "mask.nrrd", "stats.json", "overview.png"]}),
-                {"name": "exp", "in": "query", "required": True, "schema": {"type": "string"}},
-                {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}},
-            ],
-            "responses": {
-                "200": {
-                    "description": "The file",
-                    "headers": {"X-Checksum-SHA256": {
-                        "description": "The artifact's SHA-256 (hex)", "required": True,
-                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}},
-                    "content": {media: {"schema": {"type": "string", "format": "binary"}}
-                                for media in ("application/octet-stream", "application/gzip",
-                                              "application/json", "image/png")},
+        "/v1/files/{job_id}/{artifact}": {
+            "get": {
+                "operationId": "downloadArtifact",
+                "summary": "Download an artifact by its signed URL",
+                "security": [],
+                "parameters": [
+                    _path_param("job_id"),
+                    _path_param(
+                        "artifact",
+                        {
+                            "type": "string",
+                            "enum": [
+                                "mask.mrc",
+                                "mask.nii.gz",
+                                "mask.nrrd",
+                                "stats.json",
+                                "overview.png",
+                            ],
+                        },
+                    ),
+                    {"name": "exp", "in": "query", "required": True, "schema": {"type": "string"}},
+                    {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file",
+                        "headers": {
+                            "X-Checksum-SHA256": {
+                                "description": "The artifact's SHA-256 (hex)",
+                                "required": True,
+                                "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                            }
+                        },
+                        "content": {
+                            media: {"schema": {"type": "string", "format": "binary"}}
+                            for media in (
+                                "application/octet-stream",
+                                "application/gzip",
+                                "application/json",
+                                "image/png",
+                            )
+                        },
+                    },
+                    **_errors(403, 404, 410),
                 },
-                **_errors(403, 404, 410),
-            },
-        }},
-        "/v1/openapi.json": {"get": {
-            "operationId": "openapi", "summary": "This document", "security": [],
-            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0 document")},
-        }},
+            }
+        },
+        "/v1/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0 document")},
+            }
+        },
     }
     return {
         "openapi": "3.0.3",
@@ -426,8 +567,9 @@ def openapi_document(
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "bearerFormat": "JWT"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
         },
         "security": AUTH,
     }

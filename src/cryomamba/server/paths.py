@@ -12,7 +12,9 @@ __all__ = ["resolve_server_path"]
 
 def _forbidden(path: str, why: str) -> ApiError:
     return ApiError(
-        403, "path_not_allowed", f"server path {path!r} is not allowed: {why}",
+        403,
+        "path_not_allowed",
+        f"server path {path!r} is not allowed: {why}",
         "name a file under one of the server's roots (GET /v1/server/info lists them)",
     )
 
@@ -25,7 +27,9 @@ def resolve_server_path(path: str, roots: tuple[Path, ...]) -> Path:
     """
     if not roots:
         raise ApiError(
-            403, "server_paths_disabled", "this server accepts no server paths",
+            403,
+            "server_paths_disabled",
+            "this server accepts no server paths",
             "upload the file instead, or ask the operator to start the server with --root DIR",
         )
     if not path or "\x00" in path:
@@ -48,5 +52,9 @@ def resolve_server_path(path: str, roots: tuple[Path, ...]) -> Path:
             return real
     if escaped:
         raise _forbidden(path, "it leads outside every root (after resolving links)")
-    raise ApiError(404, "file_not_found", f"no file {path!r} under the server's roots",
-                   "check the path; relative paths are taken from each root in turn")
+    raise ApiError(
+        404,
+        "file_not_found",
+        f"no file {path!r} under the server's roots",
+        "check the path; relative paths are taken from each root in turn",
+    )

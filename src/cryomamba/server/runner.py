@@ -56,8 +56,13 @@ class JobRunner:
     """Runs queued jobs on `devices` × `per_device` worker threads, in submission order."""
 
     def __init__(
-        self, storage: Storage, artifacts_dir: Path, devices: tuple[str, ...],
-        *, per_device: int = 1, metrics=None,
+        self,
+        storage: Storage,
+        artifacts_dir: Path,
+        devices: tuple[str, ...],
+        *,
+        per_device: int = 1,
+        metrics=None,
     ) -> None:
         self.storage, self.artifacts_dir = storage, artifacts_dir
         self.devices, self.per_device, self.metrics = devices, per_device, metrics
@@ -76,12 +81,19 @@ class JobRunner:
         now = time.time()
         for row in self.storage.jobs_in("running", "previewing"):
             if on_restart == "requeue":
-                self.storage.update_job(row["id"], state="queued", started_at=None,
-                                        progress=None, device=_requested_device(row))
+                self.storage.update_job(
+                    row["id"],
+                    state="queued",
+                    started_at=None,
+                    progress=None,
+                    device=_requested_device(row),
+                )
                 counts["requeued"] += 1
             else:
                 self.storage.update_job(
-                    row["id"], state="failed", finished_at=now,
+                    row["id"],
+                    state="failed",
+                    finished_at=now,
                     error={
                         "code": "server_restarted",
                         "message": "the server restarted while this job was running",
@@ -100,7 +112,9 @@ class JobRunner:
         for device in self.devices:
             for slot in range(self.per_device):
                 t = threading.Thread(
-                    target=self._work, args=(device,), name=f"cryomamba-{device}-{slot}",
+                    target=self._work,
+                    args=(device,),
+                    name=f"cryomamba-{device}-{slot}",
                     daemon=True,
                 )
                 t.start()
@@ -168,10 +182,14 @@ class JobRunner:
                 self._run(row, device)
             except Exception:  # a bug must not kill the worker; the job is marked failed
                 log.exception("job %s crashed its worker", row["id"])
-                self._finish(row["id"], Failed(
-                    code="internal_error", message="the server hit an unexpected error",
-                    hint="this is a bug in CryoMamba; please report it with the server log",
-                ))
+                self._finish(
+                    row["id"],
+                    Failed(
+                        code="internal_error",
+                        message="the server hit an unexpected error",
+                        hint="this is a bug in CryoMamba; please report it with the server log",
+                    ),
+                )
 
     def _executor(self, device: str):
         from ..executors.local import LocalExecutor
@@ -196,10 +214,14 @@ class JobRunner:
         try:
             volume = Volume.open(row["source"]["path"], sha256=row["source"].get("sha256"))
         except (CryoMambaError, OSError) as exc:
-            self._finish(job_id, failure(
-                exc, io_hint="the job's file is gone or unreadable on the server; tell its "
-                "operator, or upload the file again",
-            ))
+            self._finish(
+                job_id,
+                failure(
+                    exc,
+                    io_hint="the job's file is gone or unreadable on the server; tell its "
+                    "operator, or upload the file again",
+                ),
+            )
             return
         inner = self._executor(device).submit(volume, config)
         self._inner[job_id] = inner
@@ -249,13 +271,20 @@ class JobRunner:
         try:
             paths = result.save(out, formats=config.formats)
         except CryoMambaError as exc:
-            self._finish(job_id, Failed(code=exc.code, message=exc.message, hint=exc.hint,
-                                        retryable=True))
+            self._finish(
+                job_id, Failed(code=exc.code, message=exc.message, hint=exc.hint, retryable=True)
+            )
             return
         except OSError as exc:
-            self._finish(job_id, Failed(code="output_not_writable", message=str(exc),
-                                        hint="the server's artifacts folder is not writable or "
-                                        "full; tell its operator", retryable=True))
+            self._finish(
+                job_id,
+                Failed(
+                    code="output_not_writable",
+                    message=str(exc),
+                    hint="the server's artifacts folder is not writable or full; tell its operator",
+                    retryable=True,
+                ),
+            )
             return
         artifacts = {
             path.name: {"sha256": _sha256(path), "size": path.stat().st_size}
@@ -266,7 +295,10 @@ class JobRunner:
         if source.get("sha256") is None:  # a server path: the engine hashed it for provenance
             source = {**source, "sha256": result.provenance.get("source", {}).get("sha256")}
         self.storage.update_job(
-            job_id, state="completed", finished_at=time.time(), artifacts=artifacts,
+            job_id,
+            state="completed",
+            finished_at=time.time(),
+            artifacts=artifacts,
             progress={**(row["progress"] or {}), "fraction": 1.0, "eta_s": 0.0},
             model={**row["model"], "sha256": result.provenance.get("model", {}).get("sha256")},
             source=source,
@@ -279,10 +311,15 @@ class JobRunner:
     def _finish(self, job_id: str, event: Failed | Canceled) -> None:
         fields: dict[str, Any] = {"finished_at": time.time()}
         if isinstance(event, Failed):
-            fields.update(state="failed", error={
-                "code": event.code, "message": event.message, "hint": event.hint,
-                "retryable": event.retryable,
-            })
+            fields.update(
+                state="failed",
+                error={
+                    "code": event.code,
+                    "message": event.message,
+                    "hint": event.hint,
+                    "retryable": event.retryable,
+                },
+            )
             log.info("job %s failed: %s", job_id, event.code)
         else:
             fields["state"] = "canceled"

@@ -124,9 +124,7 @@ class Storage:
         self._run("DELETE FROM parts WHERE upload_id = ?", [upload_id])
 
     def expired_uploads(self, now: float) -> list[dict[str, Any]]:
-        return self._rows(
-            "SELECT * FROM uploads WHERE state = 'open' AND expires_at <= ?", [now]
-        )
+        return self._rows("SELECT * FROM uploads WHERE state = 'open' AND expires_at <= ?", [now])
 
     def open_upload_ids(self) -> set[str]:
         return {r["id"] for r in self._rows("SELECT id FROM uploads WHERE state = 'open'")}

@@ -87,7 +87,9 @@ def _bad(message: str, hint: str = "", code: str = "invalid_request") -> ApiErro
 async def json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, or a 400/413/422 that says what is wrong with it."""
     too_large = ApiError(
-        413, "request_too_large", f"the JSON body is larger than {MAX_JSON_BYTES} bytes",
+        413,
+        "request_too_large",
+        f"the JSON body is larger than {MAX_JSON_BYTES} bytes",
         "send a small JSON object; file data goes to PUT /v1/uploads/{id}/part/{idx}",
     )
     length = request.headers.get("content-length")
@@ -100,15 +102,24 @@ async def json_body(request: Request) -> dict[str, Any]:
             if len(raw) > MAX_JSON_BYTES:
                 raise too_large
     except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the connection closed mid-request",
-                       "send the request again", retryable=True) from None
+        raise ApiError(
+            400,
+            "client_disconnected",
+            "the connection closed mid-request",
+            "send the request again",
+            retryable=True,
+        ) from None
     try:
         import json
 
         body = json.loads(raw or b"null")
     except ValueError as exc:
-        raise ApiError(400, "invalid_json", f"the request body is not JSON: {exc}",
-                       "send a JSON object with Content-Type: application/json") from None
+        raise ApiError(
+            400,
+            "invalid_json",
+            f"the request body is not JSON: {exc}",
+            "send a JSON object with Content-Type: application/json",
+        ) from None
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
     return body
@@ -186,14 +197,18 @@ class UploadService:
             raise _part_size_error(idx, expected, int(length))
         claimed = request.headers.get("x-part-sha256")
         if claimed is not None and not SHA256_RE.match(claimed.lower()):
-            raise _bad("X-Part-SHA256 must be 64 hexadecimal characters",
-                       "send the part's SHA-256 as lowercase hex, or leave the header out")
+            raise _bad(
+                "X-Part-SHA256 must be 64 hexadecimal characters",
+                "send the part's SHA-256 as lowercase hex, or leave the header out",
+            )
         key = principal.subject
         if self._in_flight.get(key, 0) >= self.settings.upload_concurrency:
             raise ApiError(
-                429, "too_many_parts_in_flight",
+                429,
+                "too_many_parts_in_flight",
                 f"at most {self.settings.upload_concurrency} parts may upload at once per user",
-                "upload fewer parts in parallel, or retry after a second", retryable=True,
+                "upload fewer parts in parallel, or retry after a second",
+                retryable=True,
                 headers={"Retry-After": "1"},
             )
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
@@ -205,22 +220,25 @@ class UploadService:
                     if len(data) > expected:
                         raise _part_size_error(idx, expected, len(data), more=True)
             except ClientDisconnect:  # the client gave up on this part: nothing to store
-                raise ApiError(400, "client_disconnected",
-                               f"the connection closed after {len(data)} bytes of part {idx}",
-                               "send the part again", retryable=True) from None
+                raise ApiError(
+                    400,
+                    "client_disconnected",
+                    f"the connection closed after {len(data)} bytes of part {idx}",
+                    "send the part again",
+                    retryable=True,
+                ) from None
             if len(data) != expected:
                 raise _part_size_error(idx, expected, len(data))
-            digest = await anyio.to_thread.run_sync(
-                self._store_part, row["id"], idx, data, claimed
-            )
+            digest = await anyio.to_thread.run_sync(self._store_part, row["id"], idx, data, claimed)
         finally:
             self._in_flight[key] -= 1
         if self.metrics is not None:
             self.metrics.upload_bytes.inc(expected)
         self.storage.update_upload(row["id"], expires_at=time.time() + self.settings.upload_ttl_s)
         received = len(self.storage.parts(row["id"]))
-        return JSONResponse({"index": idx, "size": expected, "sha256": digest,
-                             "parts_received": received})
+        return JSONResponse(
+            {"index": idx, "size": expected, "sha256": digest, "parts_received": received}
+        )
 
     async def complete(self, request: Request) -> JSONResponse:
         principal = request.state.principal
@@ -237,9 +255,11 @@ class UploadService:
             if missing:
                 shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
                 raise ApiError(
-                    409, "missing_parts",
+                    409,
+                    "missing_parts",
                     f"{len(missing)} of {row['parts_total']} parts are missing: {shown}",
-                    "PUT the missing parts, then complete again", retryable=True,
+                    "PUT the missing parts, then complete again",
+                    retryable=True,
                     details={"missing": missing[:1000]},
                 )
             file_row = await anyio.to_thread.run_sync(self._assemble, row)
@@ -252,15 +272,20 @@ class UploadService:
         if not isinstance(filename, str) or not filename.strip():
             raise _bad("`filename` must be a non-empty string", 'e.g. {"filename": "tomo.mrc"}')
         filename = Path(filename.replace("\\", "/")).name
-        if (filename in ("", ".", "..") or len(filename) > 255 or "\x00" in filename
-                or not _utf8(filename)):
+        if (
+            filename in ("", ".", "..")
+            or len(filename) > 255
+            or "\x00" in filename
+            or not _utf8(filename)
+        ):
             raise _bad(f"`filename` {body['filename']!r} is not a usable file name")
         size = body.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise _bad("`size` must be a positive integer (bytes)")
         if size > s.max_upload_bytes:
             raise ApiError(
-                413, "upload_too_large",
+                413,
+                "upload_too_large",
                 f"the file is {size} bytes; this server accepts at most {s.max_upload_bytes}",
                 "ask the operator to raise --max-upload-size, or put the file under a server "
                 "root and submit it by path",
@@ -269,15 +294,22 @@ class UploadService:
         if sha256 is not None and (not isinstance(sha256, str) or not SHA256_RE.match(sha256)):
             raise _bad("`sha256` must be 64 lowercase hexadecimal characters")
         part_size = body.get("part_size", s.part_size)
-        if (not isinstance(part_size, int) or isinstance(part_size, bool)
-                or not s.part_size_min <= part_size <= s.part_size_max):
+        if (
+            not isinstance(part_size, int)
+            or isinstance(part_size, bool)
+            or not s.part_size_min <= part_size <= s.part_size_max
+        ):
             raise _bad(
                 f"`part_size` must be an integer from {s.part_size_min} to {s.part_size_max}",
-                "leave it out to get the server's default", code="invalid_part_size",
+                "leave it out to get the server's default",
+                code="invalid_part_size",
             )
         if math.ceil(size / part_size) > MAX_PARTS:
-            raise _bad(f"{size} bytes in parts of {part_size} would exceed {MAX_PARTS} parts",
-                       "use a larger part_size", code="invalid_part_size")
+            raise _bad(
+                f"{size} bytes in parts of {part_size} would exceed {MAX_PARTS} parts",
+                "use a larger part_size",
+                code="invalid_part_size",
+            )
         return filename, size, sha256, part_size
 
     def _owned(self, request: Request) -> dict[str, Any]:
@@ -289,11 +321,19 @@ class UploadService:
 
     def _check_open(self, row: dict[str, Any]) -> None:
         if row["state"] == "open" and row["expires_at"] <= time.time():
-            raise ApiError(410, "upload_expired", "this upload has expired",
-                           "start again with POST /v1/uploads/init")
+            raise ApiError(
+                410,
+                "upload_expired",
+                "this upload has expired",
+                "start again with POST /v1/uploads/init",
+            )
         if row["state"] != "open":
-            raise ApiError(409, "upload_not_open", f"this upload is {row['state']}",
-                           "start a new upload with POST /v1/uploads/init")
+            raise ApiError(
+                409,
+                "upload_not_open",
+                f"this upload is {row['state']}",
+                "start a new upload with POST /v1/uploads/init",
+            )
 
     def _index(self, request: Request, row: dict[str, Any]) -> int:
         raw = request.path_params["idx"]
@@ -302,8 +342,11 @@ class UploadService:
         except ValueError:
             idx = -1
         if not 0 <= idx < row["parts_total"]:
-            raise _bad(f"part index {raw} is out of range 0..{row['parts_total'] - 1}",
-                       "parts are numbered from 0", code="part_out_of_range")
+            raise _bad(
+                f"part index {raw} is out of range 0..{row['parts_total'] - 1}",
+                "parts are numbered from 0",
+                code="part_out_of_range",
+            )
         return idx
 
     @staticmethod
@@ -330,9 +373,11 @@ class UploadService:
         digest = hashlib.sha256(data).hexdigest()
         if claimed is not None and claimed.lower() != digest:
             raise ApiError(
-                422, "checksum_mismatch",
+                422,
+                "checksum_mismatch",
                 f"part {idx} has SHA-256 {digest}, X-Part-SHA256 says {claimed.lower()}",
-                "the part was damaged in transit; send it again", retryable=True,
+                "the part was damaged in transit; send it again",
+                retryable=True,
             )
         with self._writing(upload_id):
             return self._write_part(upload_id, idx, data, digest)
@@ -378,7 +423,8 @@ class UploadService:
             if row["sha256"] and sha != row["sha256"]:
                 self._reject(row["id"])
                 raise ApiError(
-                    422, "checksum_mismatch",
+                    422,
+                    "checksum_mismatch",
                     f"the assembled file has SHA-256 {sha}, the upload promised {row['sha256']}",
                     "the file changed while it was uploaded, or parts were sent from another "
                     "file; start a new upload",
@@ -501,6 +547,8 @@ def _hash_and_append(part, out, digest) -> None:
 def _part_size_error(idx: int, expected: int, got: int, more: bool = False) -> ApiError:
     got_text = f"more than {expected}" if more else str(got)
     return ApiError(
-        422, "part_size_mismatch", f"part {idx} must be {expected} bytes, got {got_text}",
+        422,
+        "part_size_mismatch",
+        f"part {idx} must be {expected} bytes, got {got_text}",
         "every part is part_size bytes except the last, which holds the rest",
     )
