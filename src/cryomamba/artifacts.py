@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
+from .config import ARTIFACT_FILES
 from .errors import InvalidVolumeError, OutputError
 from .preview import check_label_array
 from .stats import check_voxel_size, label_stats
@@ -56,14 +57,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS: dict[str, str] = {
-    "mrc": "mask.mrc",
-    "nifti": "mask.nii.gz",
-    "nrrd": "mask.nrrd",
-    "stats": "stats.json",
-    "png": "overview.png",
-}
-"""Artifact format name → file name inside the output folder."""
+FORMATS: dict[str, str] = ARTIFACT_FILES
+"""Artifact format name → file name inside the output folder (defined in `config`)."""
 
 _ANGSTROM_TO_MICRON = 1e-4
 _CHUNK_PLANES = 32

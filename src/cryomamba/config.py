@@ -13,11 +13,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .artifacts import FORMATS as ARTIFACT_FILES
 from .errors import ConfigError
 
-__all__ = ["FORMATS", "JobConfig"]
+__all__ = ["ARTIFACT_FILES", "ARTIFACT_MEDIA_TYPES", "FORMATS", "JobConfig"]
 
+# The one list of outputs: format name → file name in the output folder → media type. The
+# writers, the server's routes and OpenAPI document, and the remote executor derive theirs.
+ARTIFACT_FILES: dict[str, str] = {
+    "mrc": "mask.mrc",
+    "nifti": "mask.nii.gz",
+    "nrrd": "mask.nrrd",
+    "stats": "stats.json",
+    "png": "overview.png",
+}
+ARTIFACT_MEDIA_TYPES: dict[str, str] = {
+    "mask.mrc": "application/octet-stream",
+    "mask.nii.gz": "application/gzip",
+    "mask.nrrd": "application/octet-stream",
+    "stats.json": "application/json",
+    "overview.png": "image/png",
+}
 FORMATS: tuple[str, ...] = tuple(ARTIFACT_FILES)  # mrc, nifti, nrrd, stats, png
 _CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 

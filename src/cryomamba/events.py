@@ -6,6 +6,7 @@ local executor produces.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -50,14 +51,29 @@ class Progress(Event):
     stage: str = "inference"
 
     def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, **self.record(), "stage": self.stage}
+
+    def record(self) -> dict[str, Any]:
+        """The `progress` of a job record (what the server stores and returns): the one
+        place its fields are named."""
         return {
-            "type": self.kind,
             "fraction": self.fraction,
             "tiles_done": self.tiles_done,
             "tiles_total": self.tiles_total,
             "eta_s": self.eta_s,
-            "stage": self.stage,
         }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> Progress:
+        """Back from `record()` (or `to_dict()`); missing tile counts read as 0."""
+        eta = data.get("eta_s")
+        return cls(
+            fraction=float(data["fraction"]),
+            tiles_done=int(data.get("tiles_done", 0)),
+            tiles_total=int(data.get("tiles_total", 0)),
+            eta_s=None if eta is None else float(eta),
+            stage=str(data.get("stage", "inference")),
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,13 +144,7 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     """Rebuild an event from `Event.to_dict()` output (what the server sends)."""
     kind = data.get("type")
     if kind == "progress":
-        return Progress(
-            fraction=float(data["fraction"]),
-            tiles_done=int(data["tiles_done"]),
-            tiles_total=int(data["tiles_total"]),
-            eta_s=data.get("eta_s"),
-            stage=data.get("stage", "inference"),
-        )
+        return Progress.from_record(data)
     if kind == "preview":
         scale, labels = decode_preview(data)
         full = tuple(int(s) for s in data.get("full_shape", labels.shape))

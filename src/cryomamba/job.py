@@ -14,7 +14,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from .errors import JobCanceledError, JobFailedError
@@ -22,14 +23,19 @@ from .events import Canceled, Completed, Event, Failed, Preview, Progress
 
 if TYPE_CHECKING:
     from .segmentation import Segmentation
+    from .sinks.base import Sink
 
-__all__ = ["Job", "JobState"]
+__all__ = ["TERMINAL_STATES", "Job", "JobState"]
 
 log = logging.getLogger(__name__)
 
 
-class JobState:
-    """The states of a job; `TERMINAL` ones never change again."""
+class JobState(StrEnum):
+    """The states of a job; `TERMINAL` ones never change again.
+
+    Members are strings (`JobState.RUNNING == "running"`), which is what the server stores
+    and sends, so a state read back from JSON or SQLite compares equal to its member.
+    """
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -37,16 +43,26 @@ class JobState:
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELED = "canceled"
-    TERMINAL = frozenset({COMPLETED, FAILED, CANCELED})
-    _NEXT = {
-        QUEUED: {RUNNING, FAILED, CANCELED},
-        RUNNING: {PREVIEWING, COMPLETED, FAILED, CANCELED},
-        PREVIEWING: {COMPLETED, FAILED, CANCELED},
-    }
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
 
     @classmethod
     def allowed(cls, current: str, new: str) -> bool:
-        return new == current or new in cls._NEXT.get(current, ())
+        return new == current or new in _NEXT.get(JobState(current), ())
+
+
+TERMINAL_STATES: frozenset[JobState] = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELED}
+)
+_NEXT: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELED}),
+    JobState.RUNNING: frozenset(
+        {JobState.PREVIEWING, JobState.COMPLETED, JobState.FAILED, JobState.CANCELED}
+    ),
+    JobState.PREVIEWING: frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED}),
+}
 
 
 class _Subscription:
@@ -102,8 +118,12 @@ class Job:
         job_id: str | None = None,
         *,
         on_cancel: Callable[[], None] | None = None,
-        sinks: list | None = None,
+        sinks: Iterable[Sink] = (),
+        record: Callable[[Event], Event | None] | None = None,
     ) -> None:
+        """`record`, when given, sees every event first, in the emitting thread, and returns
+        the event readers get (or None to publish nothing): the server writes each state
+        change to its database there, before any WebSocket reader hears of it."""
         self.id = job_id or uuid.uuid4().hex
         self.created_at = time.time()
         self._state = JobState.QUEUED
@@ -111,18 +131,19 @@ class Job:
         self._done = threading.Event()
         self._cancel_requested = threading.Event()
         self._on_cancel = on_cancel
+        self._record = record
         self._subs: list[_Subscription] = []
         self._last_progress: Progress | None = None
         self._last_preview: Preview | None = None
         self._terminal: Event | None = None
         self._sink_threads: list[threading.Thread] = []
         self.sink_errors: list[BaseException] = []
-        for sink in sinks or ():
-            self._attach_sink(sink)
+        for sink in sinks:
+            self.add_sink(sink)
 
     # -- what callers use -------------------------------------------------------------------
     @property
-    def state(self) -> str:
+    def state(self) -> JobState:
         return self._state
 
     @property
@@ -215,19 +236,31 @@ class Job:
         raise JobCanceledError(f"job {self.id} was canceled")
 
     # -- what executors use -----------------------------------------------------------------
+    def set_cancel_handler(self, on_cancel: Callable[[], None] | None) -> None:
+        """What `cancel()` calls besides setting `cancel_requested` (for a job an executor was
+        handed rather than made: the executor wires its own way of stopping work)."""
+        self._on_cancel = on_cancel
+
     def set_state(self, state: str) -> None:
         """Move to a non-terminal state (terminal states come with their event via `emit`)."""
         with self._lock:
-            if self._state in JobState.TERMINAL:
+            if self._state in TERMINAL_STATES:
                 return
             if not JobState.allowed(self._state, state):
                 raise RuntimeError(f"job {self.id}: illegal transition {self._state} -> {state}")
-            self._state = state
+            self._state = JobState(state)
 
     def emit(self, event: Event) -> None:
         """Record an event and hand it to every subscriber; nothing is accepted after the end."""
+        if self._record is not None:
+            if self.done:
+                return
+            recorded = self._record(event)
+            if recorded is None:
+                return
+            event = recorded
         with self._lock:
-            if self._state in JobState.TERMINAL:
+            if self._state in TERMINAL_STATES:
                 log.debug("job %s: dropping %s after the end", self.id, event.kind)
                 return
             if isinstance(event, Progress):
@@ -267,8 +300,10 @@ class Job:
             if sub in self._subs:
                 self._subs.remove(sub)
 
-    def _attach_sink(self, sink) -> None:
-        """Feed a sink from its own thread: a slow sink misses previews, it never slows the job."""
+    def add_sink(self, sink: Sink) -> None:
+        """Feed a sink from its own thread: a slow sink misses previews, it never slows the job.
+
+        It gets the latest progress and preview first, so a sink added late still sees them."""
         sub = self._subscribe()
 
         def pump() -> None:

@@ -13,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from ..errors import CryoMambaError, InvalidVolumeError
 from .cancel import Canceled
 from .model import TrainedModel
 from .normalize import IntensityScan, make_normalizer, scan_intensities
+from .resample import LogitsToSource, ResampledInput, ResamplePlan
 from .tiling import TileGrid
 
 __all__ = ["Canceled", "GpuOutOfMemory", "StreamingPredictor"]
@@ -78,10 +79,16 @@ class StreamingPredictor:
         cancel: threading.Event | None = None,
         release: ReleaseFn | None = None,
         scan: IntensityScan | None = None,
+        spacing: Sequence[float] | None = None,
     ) -> np.ndarray:
         """Segment `data` (Z, Y, X) into `out` (zero-filled uint8, same shape), returning `out`.
 
         Voxels outside the bounding box of non-zero input stay 0 (background), as in nnU-Net.
+
+        `spacing` (z, y, x, the plans' units: Å) resamples to the model's spacing and back, as
+        nnU-Net does (module `resample`): tiles are then predicted in model space and the
+        labels are still on `data`'s grid. None (the default) predicts on `data`'s grid as is;
+        so does a spacing whose resampled shape equals the region's on every axis.
 
         `on_progress(tiles_done, tiles_total)` after each tile batch; `on_planes(z0, z1)` when
         output planes z0..z1 (source coordinates) are final — they are finished in increasing
@@ -108,10 +115,15 @@ class StreamingPredictor:
         tf = self.model.transpose_forward
         region = data[scan.bbox_slices].transpose(tf)
         out_region = out[scan.bbox_slices].transpose(tf)
-        grid = TileGrid.build(region.shape, self.model.patch_size, self.tile_step)
+        plan = self.resample_plan(region.shape, spacing)
+        if plan is not None:
+            log.info("resampling %s", plan.describe())
+        grid = TileGrid.build(
+            plan.model_shape if plan else region.shape, self.model.patch_size, self.tile_step
+        )
         log.info(
             "tiling %s (cropped from %s) into %d tiles of %s, %d per z-row",
-            region.shape,
+            grid.shape,
             data.shape,
             grid.n_tiles,
             grid.patch,
@@ -126,9 +138,18 @@ class StreamingPredictor:
                 on_planes(z0, z1)
 
         try:
-            self._run(
-                region, out_region, grid, normalize, on_progress, cancel, release, zmap, planes_done
-            )
+            if plan is None:
+                tiles_in, finish = self._plain_io(
+                    region, out_region, grid, normalize, release, zmap, planes_done
+                )
+            else:
+                # the normalized region's range: cubic splines overshoot, nnU-Net clips to it
+                ends = normalize(np.array([[[scan.minimum, scan.maximum]]], dtype=np.float32))
+                bounds = (float(ends[0, 0, 0]), float(ends[0, 0, 1]))
+                tiles_in, finish = self._resampled_io(
+                    region, out_region, grid, plan, normalize, release, zmap, planes_done, bounds
+                )
+            self._run(grid, tiles_in, finish, on_progress, cancel)
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory(
                 f"the GPU ran out of memory: {str(exc).splitlines()[0]}",
@@ -143,19 +164,86 @@ class StreamingPredictor:
             on_planes(0 if zmap.transposed_z else finished[0], data.shape[0])
         return out
 
+    def resample_plan(
+        self, shape: Sequence[int], spacing: Sequence[float] | None
+    ) -> ResamplePlan | None:
+        """How a region of `shape` (working axis order) at `spacing` (z, y, x) maps to model
+        space, or None when nothing is to be resampled (no spacing, or the same shape)."""
+        if spacing is None:
+            return None
+        tf = self.model.transpose_forward
+        plan = ResamplePlan.build(
+            shape, [float(spacing[i]) for i in tf], self.model.spacing, self.model.configuration
+        )
+        return None if plan.identity else plan
+
+    # -- where tiles come from and where finished planes go ------------------------------------
+    def _plain_io(self, region, out_region, grid: TileGrid, normalize, release, zmap, on_planes):
+        """Tiles cut from the source as is; finished planes arg-maxed straight into the output."""
+        device = self.device
+        pz = grid.patch[0]
+        bz = grid.pad_below[0]
+        n_folds = len(self.model.networks)
+
+        def tiles_in(z: int, batch: list[tuple[int, int]]) -> torch.Tensor:
+            x = np.stack([_tile(region, grid, z, y, xx, normalize) for y, xx in batch])
+            if release is not None and not zmap.transposed_z:
+                # drop the source pages these tiles mapped; the next tiles that need them
+                # fault them back in from the page cache, which costs microseconds
+                release(*zmap.source_span(z - bz, z + pz - bz, grid.shape[0]))
+            xt = torch.from_numpy(x)
+            if device.type == "cuda":
+                xt = xt.pin_memory().to(device, non_blocking=True)
+            return xt
+
+        def finish(logits, weights, base: int, end: int) -> None:
+            self._finalize(logits, weights, base, end, grid, out_region, n_folds)
+            if not zmap.transposed_z:
+                lo, hi = zmap.source_span(base - bz, end - bz, grid.shape[0])
+                if hi > lo:
+                    on_planes(lo, hi)
+
+        return tiles_in, finish
+
+    def _resampled_io(
+        self, region, out_region, grid: TileGrid, plan: ResamplePlan, normalize, release, zmap,
+        on_planes, bounds,
+    ):  # fmt: skip
+        """Tiles cut from a rolling window of model-space input planes; finished model planes
+        resampled back to the source grid before the arg-max (module `resample`)."""
+        pz = grid.patch[0]
+        (bz, by, bx), (sz, sy, sx) = grid.pad_below, grid.shape
+        n_folds = len(self.model.networks)
+        source_release = None
+        if release is not None and not zmap.transposed_z:
+
+            def source_release(j0: int, j1: int) -> None:
+                release(*zmap.source_span(j0, j1, plan.source_shape[0]))
+
+        window = ResampledInput(region, normalize, plan, pz, self.device, source_release, bounds)
+
+        def region_planes(j0: int, j1: int) -> None:
+            if not zmap.transposed_z:
+                on_planes(*zmap.source_span(j0, j1, plan.source_shape[0]))
+
+        to_source = LogitsToSource(plan, out_region, region_planes)
+
+        def tiles_in(z: int, batch: list[tuple[int, int]]) -> torch.Tensor:
+            planes = window.planes(z - bz, z - bz + pz)
+            first = max(z - bz, 0)
+            return torch.stack([_model_tile(planes, first, grid, z, y, xx) for y, xx in batch])
+
+        def finish(logits, weights, base: int, end: int) -> None:
+            lo, hi = max(base, bz), min(end, bz + sz)
+            for a in range(lo, hi, _FINALIZE_PLANES):  # in small blocks: bounded temporaries
+                b = min(a + _FINALIZE_PLANES, hi)
+                mean = self._mean_logits(logits, weights, a - base, b - base, n_folds)
+                to_source.push(a - bz, mean[:, :, by : by + sy, bx : bx + sx])
+
+        return tiles_in, finish
+
     # -- the loop -------------------------------------------------------------------------------
-    def _run(
-        self,
-        region,
-        out_region,
-        grid: TileGrid,
-        normalize,
-        on_progress,
-        cancel,
-        release,
-        zmap,
-        on_planes,
-    ) -> None:
+    def _run(self, grid: TileGrid, tiles_in, finish, on_progress, cancel) -> None:
         from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
         device = self.device
@@ -176,15 +264,7 @@ class StreamingPredictor:
             for batch in _batched(tiles, self.tile_batch):
                 if cancel is not None and cancel.is_set():
                     raise Canceled
-                x = np.stack([_tile(region, grid, z, y, xx, normalize) for y, xx in batch])
-                if release is not None and not zmap.transposed_z:
-                    # drop the source pages these tiles mapped; the next tiles that need them
-                    # fault them back in from the page cache, which costs microseconds
-                    bz = grid.pad_below[0]
-                    release(*zmap.source_span(z - bz, z + pz - bz, grid.shape[0]))
-                xt = torch.from_numpy(x)
-                if device.type == "cuda":
-                    xt = xt.pin_memory().to(device, non_blocking=True)
+                xt = tiles_in(z, batch)
                 for f, net in enumerate(self.model.networks):
                     with _autocast(device, self.autocast):
                         pred = self._predict(net, xt)
@@ -198,13 +278,7 @@ class StreamingPredictor:
                 if on_progress is not None:
                     on_progress(done, total)
             end = grid.final_plane(row)
-            self._finalize(logits, weights, base, end, grid, out_region, n_folds)
-            if not zmap.transposed_z:
-                lo, hi = zmap.source_span(
-                    base - grid.pad_below[0], end - grid.pad_below[0], grid.shape[0]
-                )
-                if hi > lo:
-                    on_planes(lo, hi)
+            finish(logits, weights, base, end)
             shift = end - base
             if row + 1 < len(grid.steps[0]):
                 # roll plane by plane: no temporary copy of the whole buffer
@@ -241,6 +315,12 @@ class StreamingPredictor:
     @staticmethod
     def _labels(logits, weights, a, b, crop, n_folds) -> np.ndarray:
         by, bx, sy, sx = crop
+        pred = StreamingPredictor._mean_logits(logits, weights, a, b, n_folds)
+        return pred[:, :, by : by + sy, bx : bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
+
+    @staticmethod
+    def _mean_logits(logits, weights, a, b, n_folds) -> torch.Tensor:
+        """Buffer planes a..b divided by the weight sum per fold, then the fold mean (fp16)."""
         w = weights[a:b]
         pred = torch.div(logits[0, :, a:b], w)
         for f in range(1, n_folds):
@@ -253,7 +333,7 @@ class StreamingPredictor:
                 hint="the model may be broken or the input far outside its training range",
                 code="numerical_overflow",
             )
-        return pred[:, :, by : by + sy, bx : bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
+        return pred
 
 
 def _tile(region, grid: TileGrid, z: int, y: int, x: int, normalize) -> np.ndarray:
@@ -272,6 +352,20 @@ def _tile(region, grid: TileGrid, z: int, y: int, x: int, normalize) -> np.ndarr
         dst.append(slice(a + pad - start, b + pad - start))
     block = np.array(region[tuple(src)], dtype=np.float32)
     tile[(0, *dst)] = normalize(block)
+    return tile
+
+
+def _model_tile(planes: torch.Tensor, first: int, grid: TileGrid, z: int, y: int, x: int):
+    """One tile (1, pz, py, px) at padded position (z, y, x), cut from model-space planes
+    `first`.. (already normalized, on the device); outside the region it is 0, as in nnU-Net."""
+    tile = torch.zeros((1, *grid.patch), dtype=torch.float32, device=planes.device)
+    src, dst = [], []
+    for start, size, pad, n in zip((z, y, x), grid.patch, grid.pad_below, grid.shape):
+        a, b = max(start - pad, 0), min(start + size - pad, n)
+        src.append((a, b))
+        dst.append(slice(a + pad - start, b + pad - start))
+    (za, zb), (ya, yb), (xa, xb) = src
+    tile[(0, *dst)] = planes[za - first : zb - first, ya:yb, xa:xb]
     return tile
 
 

@@ -22,9 +22,8 @@ from ..events import Canceled, Completed, Preview, Progress
 from ..hookspecs import hookimpl
 from ..job import Job, JobState
 from ..segmentation import Segmentation
-from ..sinks.base import as_sink
 from ..volume import Volume
-from .base import failure, is_bug
+from .base import failure, is_bug, job_for
 
 __all__ = ["LocalExecutor", "open_source"]
 
@@ -108,14 +107,16 @@ class LocalExecutor:
         )
         self._models = _ModelCache(model_cache_size)
 
-    def submit(self, source: Any, config: JobConfig, sinks: Sequence[Any] = ()) -> Job:
-        queued: list[Future] = []
+    def submit(
+        self, source: Any, config: JobConfig, sinks: Sequence[Any] = (), *, job: Job | None = None
+    ) -> Job:
+        queued: list[Future[None]] = []
 
         def on_cancel() -> None:
             if queued and queued[0].cancel():  # still queued: it will never start
                 job.emit(Canceled())
 
-        job = Job(on_cancel=on_cancel, sinks=[as_sink(s) for s in sinks])
+        job = job_for(job, sinks, on_cancel)
         queued.append(self._pool.submit(self._run, job, source, config))
         return job
 

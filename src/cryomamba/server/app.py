@@ -54,6 +54,7 @@ class ServerState:
             self.devices,
             per_device=settings.jobs_per_device,
             metrics=self.metrics,
+            executor=settings.executor,
         )
 
     def model_names(self) -> list[str]:

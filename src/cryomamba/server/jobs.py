@@ -27,13 +27,7 @@ def job_record(server, row: dict[str, Any]) -> dict[str, Any]:
     live = server.runner.live.get(row["id"])
     progress = row["progress"]
     if live is not None and live.last_progress is not None:
-        p = live.last_progress
-        progress = {
-            "fraction": p.fraction,
-            "tiles_done": p.tiles_done,
-            "tiles_total": p.tiles_total,
-            "eta_s": p.eta_s,
-        }
+        progress = live.last_progress.record()
     artifacts = {}
     if row["state"] == "completed" and row["artifacts"]:
         for name, info in row["artifacts"].items():

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._version import __version__
-from ..config import FORMATS
+from ..config import ARTIFACT_MEDIA_TYPES, FORMATS
 
 __all__ = ["openapi_document"]
 
@@ -511,13 +511,7 @@ def openapi_document(
                         "artifact",
                         {
                             "type": "string",
-                            "enum": [
-                                "mask.mrc",
-                                "mask.nii.gz",
-                                "mask.nrrd",
-                                "stats.json",
-                                "overview.png",
-                            ],
+                            "enum": list(ARTIFACT_MEDIA_TYPES),
                         },
                     ),
                     {"name": "exp", "in": "query", "required": True, "schema": {"type": "string"}},

@@ -6,20 +6,14 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from .._version import __version__
+from ..config import ARTIFACT_MEDIA_TYPES
 from .auth import check_signature
 from .errors import ApiError, not_found
 from .openapi import openapi_document
-from .runner import ARTIFACT_NAMES
 
 __all__ = ["artifact", "health", "info", "metrics", "openapi"]
 
-MEDIA_TYPES = {
-    "mask.mrc": "application/octet-stream",
-    "mask.nii.gz": "application/gzip",
-    "mask.nrrd": "application/octet-stream",
-    "stats.json": "application/json",
-    "overview.png": "image/png",
-}
+MEDIA_TYPES = ARTIFACT_MEDIA_TYPES
 
 
 async def health(request: Request) -> JSONResponse:
@@ -54,12 +48,12 @@ async def info(request: Request) -> JSONResponse:
 async def artifact(request: Request) -> Response:
     server = request.app.state.server
     job_id, name = request.path_params["job_id"], request.path_params["artifact"]
-    if name not in ARTIFACT_NAMES.values():
+    if name not in ARTIFACT_MEDIA_TYPES:
         raise ApiError(
             404,
             "not_found",
             f"no artifact named {name!r}",
-            f"artifacts are: {', '.join(ARTIFACT_NAMES.values())}",
+            f"artifacts are: {', '.join(ARTIFACT_MEDIA_TYPES)}",
         )
     check_signature(
         server.secret,

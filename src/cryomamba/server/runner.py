@@ -1,8 +1,10 @@
 """The job queue: worker threads (one per device slot) that claim queued jobs and run them.
 
-Inference runs on these threads, never on the event loop. Each server job has a core
-`Job` here that WebSocket readers follow; the worker feeds it from the local executor's
-events, saves the artifacts, and records every state change in the database first.
+Inference runs on the executor's threads, never on the event loop. A server job is one
+`Job` from the moment it is queued to its end: WebSocket readers follow it, the runner
+hands it to the executor (from the registry: `local` unless the server says otherwise) to
+feed, and a `_Recorder` on the job writes every state change to the database before any
+reader sees it.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..config import JobConfig
 from ..errors import CryoMambaError
-from ..events import Canceled, Completed, Failed, Preview, Progress
-from ..executors.base import failure
-from ..job import Job
+from ..events import Canceled, Completed, Event, Failed, Preview, Progress
+from ..executors.base import Executor, failure, make_executor
+from ..job import Job, JobState
 from .storage import Storage
 
 __all__ = ["JobRunner", "detect_devices"]
@@ -26,13 +29,6 @@ __all__ = ["JobRunner", "detect_devices"]
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL_S = 1.0
-ARTIFACT_NAMES = {
-    "mrc": "mask.mrc",
-    "nifti": "mask.nii.gz",
-    "nrrd": "mask.nrrd",
-    "stats": "stats.json",
-    "png": "overview.png",
-}
 
 
 def detect_devices() -> tuple[str, ...]:
@@ -53,7 +49,11 @@ def _sha256(path: Path) -> str:
 
 
 class JobRunner:
-    """Runs queued jobs on `devices` × `per_device` worker threads, in submission order."""
+    """Runs queued jobs on `devices` × `per_device` worker threads, in submission order.
+
+    `executor` names the back end in the executor registry (`local` runs jobs in this
+    process, as many at once as there are slots); `executor_options` go to its factory.
+    """
 
     def __init__(
         self,
@@ -62,28 +62,35 @@ class JobRunner:
         devices: tuple[str, ...],
         *,
         per_device: int = 1,
-        metrics=None,
+        metrics: Any = None,
+        executor: str = "local",
+        executor_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.storage, self.artifacts_dir = storage, artifacts_dir
         self.devices, self.per_device, self.metrics = devices, per_device, metrics
-        self.live: dict[str, Job] = {}
-        self._inner: dict[str, Job] = {}
+        self.live: dict[str, Job] = {}  # queued and running jobs, by id
+        self._recorders: dict[str, _Recorder] = {}
+        self._running: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._executors: dict[str, Any] = {}
+        options = dict(executor_options or {})
+        if executor == "local":  # one in-process slot per worker thread
+            options.setdefault("max_workers", len(devices) * per_device)
+        self.executor_name = executor
+        self.executor: Executor = make_executor(executor, **options)
 
     # -- lifecycle --------------------------------------------------------------------------
     def recover(self, on_restart: str) -> dict[str, int]:
         """After a restart: interrupted jobs fail (retryable) or go back to the queue."""
         counts = {"failed": 0, "requeued": 0, "queued": 0}
         now = time.time()
-        for row in self.storage.jobs_in("running", "previewing"):
+        for row in self.storage.jobs_in(JobState.RUNNING, JobState.PREVIEWING):
             if on_restart == "requeue":
                 self.storage.update_job(
                     row["id"],
-                    state="queued",
+                    state=JobState.QUEUED,
                     started_at=None,
                     progress=None,
                     device=_requested_device(row),
@@ -92,7 +99,7 @@ class JobRunner:
             else:
                 self.storage.update_job(
                     row["id"],
-                    state="failed",
+                    state=JobState.FAILED,
                     finished_at=now,
                     error={
                         "code": "server_restarted",
@@ -103,7 +110,7 @@ class JobRunner:
                     },
                 )
                 counts["failed"] += 1
-        for row in self.storage.jobs_in("queued"):
+        for row in self.storage.jobs_in(JobState.QUEUED):
             self.track(row["id"])
             counts["queued"] += 1
         return counts
@@ -125,12 +132,11 @@ class JobRunner:
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
-        for inner in list(self._inner.values()):
-            inner.cancel()
+        for job in list(self._running.values()):
+            job.cancel()
         for t in self._threads:
             t.join(timeout)
-        for ex in self._executors.values():
-            ex.close()
+        self.executor.close()
 
     # -- what routes call -------------------------------------------------------------------
     def track(self, job_id: str) -> Job:
@@ -138,8 +144,8 @@ class JobRunner:
         with self._lock:  # the route that queued the job and the worker may race here
             job = self.live.get(job_id)
             if job is None:
-                job = Job(job_id, on_cancel=lambda: self._cancel_inner(job_id))
-                self.live[job_id] = job
+                recorder = self._recorders[job_id] = _Recorder(self, job_id)
+                job = self.live[job_id] = Job(job_id, record=recorder)
             return job
 
     def enqueue(self, row: dict[str, Any]) -> Job:
@@ -156,17 +162,13 @@ class JobRunner:
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; False when it had already ended."""
         if self.storage.cancel_if_queued(job_id, time.time()):
-            job = self.live.pop(job_id, None)
+            job = self.live.get(job_id)
             if job is not None:
                 job.emit(Canceled())
+            self._recorders.pop(job_id, None)
             return True
         job = self.live.get(job_id)
         return job.cancel() if job is not None else False
-
-    def _cancel_inner(self, job_id: str) -> None:
-        inner = self._inner.get(job_id)
-        if inner is not None:
-            inner.cancel()
 
     # -- workers ----------------------------------------------------------------------------
     def _work(self, device: str) -> None:
@@ -178,105 +180,70 @@ class JobRunner:
                 if row is None:
                     self._wake.wait(timeout=5.0)
                     continue
+            job = self.track(row["id"])
             try:
-                self._run(row, device)
+                self._run(job, row, device)
             except Exception:  # a bug must not kill the worker; the job is marked failed
                 log.exception("job %s crashed its worker", row["id"])
-                self._finish(
-                    row["id"],
+                job.emit(
                     Failed(
                         code="internal_error",
                         message="the server hit an unexpected error",
                         hint="this is a bug in CryoMamba; please report it with the server log",
-                    ),
+                    )
                 )
+            finally:
+                self._running.pop(row["id"], None)
+                self._recorders.pop(row["id"], None)
 
-    def _executor(self, device: str):
-        from ..executors.local import LocalExecutor
-
-        with self._lock:
-            ex = self._executors.get(device)
-            if ex is None:  # one executor per device, running as many jobs as it has slots
-                ex = self._executors[device] = LocalExecutor(max_workers=self.per_device)
-            return ex
-
-    def _run(self, row: dict[str, Any], device: str) -> None:
-        from ..volume import Volume
-
-        job_id = row["id"]
-        job = self.track(job_id)
+    def _run(self, job: Job, row: dict[str, Any], device: str) -> None:
+        """Hand the job to the executor and wait (this slot stays taken) until it has ended."""
+        recorder = self._recorders[job.id]
         if job.cancel_requested.is_set():
-            self._finish(job_id, Canceled())
+            job.emit(Canceled())
             return
-        job.set_state("running")
-        log.info("job %s started on %s", job_id, device)
+        job.set_state(JobState.RUNNING)
+        log.info("job %s started on %s", job.id, device)
         config = JobConfig.from_dict(row["config"]).replace(device=device)
+        recorder.begin(device, config)
         try:
+            from ..volume import Volume
+
             volume = Volume.open(row["source"]["path"], sha256=row["source"].get("sha256"))
         except (CryoMambaError, OSError) as exc:
-            self._finish(
-                job_id,
+            job.emit(
                 failure(
                     exc,
                     io_hint="the job's file is gone or unreadable on the server; tell its "
                     "operator, or upload the file again",
-                ),
+                )
             )
             return
-        inner = self._executor(device).submit(volume, config)
-        self._inner[job_id] = inner
-        if job.cancel_requested.is_set():
-            inner.cancel()
         try:
-            self._follow(job_id, job, inner, device, config)
+            self._running[job.id] = job
+            self.executor.submit(volume, config, job=job)
+            recorder.ended.wait()
         finally:
-            self._inner.pop(job_id, None)
             volume.close()
 
-    def _follow(self, job_id: str, job: Job, inner: Job, device: str, config: JobConfig) -> None:
-        last_write = 0.0
-        last_tiles, last_t = 0, time.monotonic()
-        previewing = False
-        for event in inner.events():
-            if isinstance(event, Progress):
-                now = time.monotonic()
-                if self.metrics is not None:
-                    self.metrics.tiles.labels(device).inc(event.tiles_done - last_tiles)
-                    if now > last_t:
-                        rate = (event.tiles_done - last_tiles) / (now - last_t)
-                        self.metrics.tiles_per_second.labels(device).set(rate)
-                last_tiles, last_t = event.tiles_done, now
-                if now - last_write >= PROGRESS_WRITE_INTERVAL_S or event.fraction >= 1:
-                    self.storage.update_job(job_id, progress=_progress(event))
-                    last_write = now
-                job.emit(event)
-            elif isinstance(event, Preview):
-                if not previewing:
-                    self.storage.update_job(job_id, state="previewing")
-                    previewing = True
-                job.emit(event)
-            elif isinstance(event, Completed):
-                self._complete(job_id, event, config)
-            elif isinstance(event, (Failed, Canceled)):
-                if self._stopping and isinstance(event, Canceled):
-                    log.warning("job %s interrupted by shutdown", job_id)
-                    return  # left `running`: recovery on the next boot decides
-                self._finish(job_id, event)
-        if self.metrics is not None:
-            self.metrics.tiles_per_second.labels(device).set(0)
-
-    def _complete(self, job_id: str, event: Completed, config: JobConfig) -> None:
+    # -- what the recorder calls ----------------------------------------------------------------
+    def _save(self, job_id: str, event: Completed, config: JobConfig) -> Event:
+        """Write the artifacts and the completed record; the event readers get (Failed if the
+        artifacts could not be written)."""
         result = event.result
-        out = self.artifacts_dir / job_id
+        if result is None:
+            return self._end(
+                job_id,
+                failure(RuntimeError("the executor completed without a result"), io_hint=""),
+            )
         try:
-            paths = result.save(out, formats=config.formats)
+            paths = result.save(self.artifacts_dir / job_id, formats=config.formats)
         except CryoMambaError as exc:
-            self._finish(
+            return self._end(
                 job_id, Failed(code=exc.code, message=exc.message, hint=exc.hint, retryable=True)
             )
-            return
         except OSError as exc:
-            self._finish(
+            return self._end(
                 job_id,
                 Failed(
                     code="output_not_writable",
@@ -285,18 +252,18 @@ class JobRunner:
                     retryable=True,
                 ),
             )
-            return
         artifacts = {
             path.name: {"sha256": _sha256(path), "size": path.stat().st_size}
             for path in paths.values()
         }
         row = self.storage.job(job_id)
+        assert row is not None
         source = row["source"]
         if source.get("sha256") is None:  # a server path: the engine hashed it for provenance
             source = {**source, "sha256": result.provenance.get("source", {}).get("sha256")}
         self.storage.update_job(
             job_id,
-            state="completed",
+            state=JobState.COMPLETED,
             finished_at=time.time(),
             artifacts=artifacts,
             progress={**(row["progress"] or {}), "fraction": 1.0, "eta_s": 0.0},
@@ -304,15 +271,16 @@ class JobRunner:
             source=source,
         )
         log.info("job %s completed", job_id)
-        job = self.live.pop(job_id, None)
-        if job is not None:
-            job.emit(Completed(result=None, artifacts={k: k for k in artifacts}))
+        self.live.pop(job_id, None)
+        # readers get the artifacts' names; the in-memory result is the executor's to drop
+        return Completed(result=None, artifacts={name: name for name in artifacts})
 
-    def _finish(self, job_id: str, event: Failed | Canceled) -> None:
+    def _end(self, job_id: str, event: Failed | Canceled) -> Failed | Canceled:
+        """Record a failed or canceled job; the event readers get."""
         fields: dict[str, Any] = {"finished_at": time.time()}
         if isinstance(event, Failed):
             fields.update(
-                state="failed",
+                state=JobState.FAILED,
                 error={
                     "code": event.code,
                     "message": event.message,
@@ -322,21 +290,87 @@ class JobRunner:
             )
             log.info("job %s failed: %s", job_id, event.code)
         else:
-            fields["state"] = "canceled"
+            fields["state"] = JobState.CANCELED
             log.info("job %s canceled", job_id)
         self.storage.update_job(job_id, **fields)
-        job = self.live.pop(job_id, None)
-        if job is not None:
-            job.emit(event)
+        self.live.pop(job_id, None)
+        return event
 
 
-def _progress(event: Progress) -> dict[str, Any]:
-    return {
-        "fraction": event.fraction,
-        "tiles_done": event.tiles_done,
-        "tiles_total": event.tiles_total,
-        "eta_s": event.eta_s,
-    }
+class _Recorder:
+    """One job's observer (`Job(record=...)`): each event reaches the database, and the
+    metrics, before the job hands it to readers. Runs in whichever thread emits."""
+
+    def __init__(self, runner: JobRunner, job_id: str) -> None:
+        self.runner, self.job_id = runner, job_id
+        self.device = "queued"
+        self.config: JobConfig | None = None
+        self.ended = threading.Event()
+        self._last_write = 0.0
+        self._last_tiles, self._last_t = 0, time.monotonic()
+        self._previewing = False
+
+    def begin(self, device: str, config: JobConfig) -> None:
+        self.device, self.config = device, config
+        self._last_t = time.monotonic()
+
+    def __call__(self, event: Event) -> Event | None:
+        try:
+            out = self._record(event)
+        except Exception as exc:  # the job must still end, and its reader hear of it
+            log.exception("job %s: recording %s failed", self.job_id, event.kind)
+            if not event.terminal:
+                return event
+            out = self._fallback(exc)
+        if event.terminal:
+            self.ended.set()
+            metrics = self.runner.metrics
+            if metrics is not None and self.config is not None:
+                metrics.tiles_per_second.labels(self.device).set(0)
+        return out
+
+    def _record(self, event: Event) -> Event | None:
+        runner, job_id = self.runner, self.job_id
+        if isinstance(event, Progress):
+            self._progress(event)
+        elif isinstance(event, Preview):
+            if not self._previewing:
+                runner.storage.update_job(job_id, state=JobState.PREVIEWING)
+                self._previewing = True
+        elif isinstance(event, Completed):
+            assert self.config is not None
+            return runner._save(job_id, event, self.config)
+        elif isinstance(event, Canceled) and runner._stopping:
+            log.warning("job %s interrupted by shutdown", job_id)
+            return None  # left `running`: recovery on the next boot decides
+        elif isinstance(event, (Failed, Canceled)):
+            return runner._end(job_id, event)
+        return event
+
+    def _progress(self, event: Progress) -> None:
+        now = time.monotonic()
+        metrics = self.runner.metrics
+        if metrics is not None:
+            metrics.tiles.labels(self.device).inc(max(0, event.tiles_done - self._last_tiles))
+            if now > self._last_t:
+                rate = (event.tiles_done - self._last_tiles) / (now - self._last_t)
+                metrics.tiles_per_second.labels(self.device).set(rate)
+        self._last_tiles, self._last_t = event.tiles_done, now
+        if now - self._last_write >= PROGRESS_WRITE_INTERVAL_S or event.fraction >= 1:
+            self.runner.storage.update_job(self.job_id, progress=event.record())
+            self._last_write = now
+
+    def _fallback(self, exc: BaseException) -> Event:
+        event = Failed(
+            code="internal_error",
+            message="the server hit an unexpected error",
+            hint="this is a bug in CryoMamba; please report it with the server log",
+        )
+        try:
+            return self.runner._end(self.job_id, event)
+        except Exception:  # the database itself is failing: readers still hear the end
+            log.exception("job %s: could not record its failure", self.job_id)
+            return event
 
 
 def _requested_device(row: dict[str, Any]) -> str | None:

@@ -27,6 +27,7 @@ class ServerSettings:
     models: tuple[str, ...] = ()  # allowed model names; empty = every registered model
     devices: tuple[str, ...] = ()  # e.g. ("cuda:0", "cuda:1"); empty = one, auto-detected
     jobs_per_device: int = 1
+    executor: str = "local"  # the back end that runs jobs, by its name in the executor registry
     part_size: int = 16 * MiB
     part_size_min: int = 8 * MiB
     part_size_max: int = 32 * MiB

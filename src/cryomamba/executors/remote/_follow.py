@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ...events import Progress, event_from_dict
-from ...job import Job, JobState
+from ...job import TERMINAL_STATES, Job, JobState
 from ._http import (
     _UNREACHABLE_HINT,
     RemoteError,
@@ -109,8 +109,8 @@ class FollowMixin:
                 job.set_state(JobState.RUNNING)
             progress = record.get("progress")
             if progress and state in (JobState.RUNNING, JobState.PREVIEWING, JobState.COMPLETED):
-                self._progress(job, remote, _progress(progress))
-            if state in JobState.TERMINAL:
+                self._progress(job, remote, Progress.from_record(progress))
+            if state in TERMINAL_STATES:
                 return {**record, "state": state}
         elif kind == "failed":
             return {"state": JobState.FAILED, "error": message}
@@ -128,15 +128,6 @@ class FollowMixin:
         if event.fraction > remote.last_fraction:
             remote.last_fraction = event.fraction
             job.emit(event)
-
-
-def _progress(data: dict) -> Progress:
-    return Progress(
-        fraction=float(data["fraction"]),
-        tiles_done=int(data.get("tiles_done", 0)),
-        tiles_total=int(data.get("tiles_total", 0)),
-        eta_s=data.get("eta_s"),
-    )
 
 
 def _ws_base(server: str) -> str:

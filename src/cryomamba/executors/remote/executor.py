@@ -37,9 +37,8 @@ from ...events import Canceled, Completed
 from ...hookspecs import hookimpl
 from ...job import Job, JobState
 from ...segmentation import Segmentation
-from ...sinks.base import as_sink
 from ...volume import Volume
-from ..base import failure, is_bug
+from ..base import failure, is_bug, job_for
 from ._follow import FollowMixin
 from ._http import (
     _BLOCK,
@@ -127,7 +126,9 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
         return f"RemoteExecutor({self.server!r})"
 
     # -- the executor interface -----------------------------------------------------------
-    def submit(self, source: Any, config: JobConfig, sinks: Sequence[Any] = ()) -> Job:
+    def submit(
+        self, source: Any, config: JobConfig, sinks: Sequence[Any] = (), *, job: Job | None = None
+    ) -> Job:
         """Start uploading and segmenting `source` on the server; returns the `Job` at once."""
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
@@ -137,7 +138,7 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
             if job_id is not None:
                 threading.Thread(target=self._delete, args=(job_id,), daemon=True).start()
 
-        job = Job(on_cancel=on_cancel, sinks=[as_sink(s) for s in sinks])
+        job = job_for(job, sinks, on_cancel)
         remote = _Remote(cancel=job.cancel_requested)
         thread = threading.Thread(
             target=self._run,
