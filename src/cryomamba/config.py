@@ -35,6 +35,7 @@ ARTIFACT_MEDIA_TYPES: dict[str, str] = {
 }
 FORMATS: tuple[str, ...] = tuple(ARTIFACT_FILES)  # mrc, nifti, nrrd, stats, png
 _CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
+RESAMPLE_MODES: tuple[str, ...] = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,16 @@ class JobConfig:
     preview_interval_s: float = 1.0
     preview_scale: int = 4
     formats: tuple[str, ...] = FORMATS
+    resample: str = "auto"
+    voxel_size: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         # Normalise sequences so that a config built from JSON lists equals one built from tuples.
         if self.folds is not None:
             object.__setattr__(self, "folds", tuple(self.folds))
         object.__setattr__(self, "formats", tuple(self.formats))
+        if self.voxel_size is not None:
+            object.__setattr__(self, "voxel_size", _voxel_size(self.voxel_size))
         self._validate()
 
     def _validate(self) -> None:
@@ -121,6 +126,12 @@ class JobConfig:
                 f"preview_scale must be an integer in 1..8, got {self.preview_scale!r}",
                 hint="the preview is downsampled by this factor per axis; 4 is the default",
             )
+        if self.resample not in RESAMPLE_MODES:
+            raise ConfigError(
+                f"resample must be one of {', '.join(RESAMPLE_MODES)}, got {self.resample!r}",
+                hint="'auto' resamples to the model's voxel size when the tomogram's differs; "
+                "'off' runs at the tomogram's own voxel size",
+            )
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
             raise ConfigError(
@@ -136,6 +147,7 @@ class JobConfig:
         d = dataclasses.asdict(self)
         d["folds"] = list(self.folds) if self.folds is not None else None
         d["formats"] = list(self.formats)
+        d["voxel_size"] = list(self.voxel_size) if self.voxel_size is not None else None
         return d
 
     def to_json(self) -> str:
@@ -165,6 +177,20 @@ class JobConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"job config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+def _voxel_size(value: object) -> tuple[float, float, float]:
+    """A voxel size override as three positive finite floats (z, y, x) in Å, or ConfigError."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(_is_number(v) and v > 0 for v in values):
+        raise ConfigError(
+            f"voxel_size must be a positive number or three (z, y, x), in Å, got {value!r}",
+            hint="e.g. voxel_size=13.48, or [20.0, 10.0, 10.0] for anisotropic voxels; leave it "
+            "unset to use the file's header",
+        )
+    return (float(values[0]), float(values[1]), float(values[2]))  # type: ignore[arg-type]
 
 
 def _is_number(value: object) -> bool:

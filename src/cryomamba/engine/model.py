@@ -58,6 +58,14 @@ class TrainedModel:
         return tuple(float(s) for s in self.configuration["spacing"])  # type: ignore[return-value]
 
     @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """`spacing` in the tomogram's (z, y, x) order (the plans hold it transposed)."""
+        zyx = [0.0, 0.0, 0.0]
+        for i, axis in enumerate(self.transpose_forward):
+            zyx[axis] = self.spacing[i]
+        return (zyx[0], zyx[1], zyx[2])
+
+    @property
     def normalization(self) -> str:
         return self.configuration["normalization_schemes"][0]
 

@@ -25,7 +25,6 @@ docs/engine.md.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,25 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = [
-    "SPACING_TOLERANCE",
-    "AxisMap",
-    "LogitsToSource",
-    "ResamplePlan",
-    "ResampledInput",
-    "spacings_match",
-]
-
-SPACING_TOLERANCE = 0.01
-"""Relative difference per axis below which a tomogram counts as already at the model's spacing."""
-
-
-def spacings_match(
-    source: Sequence[float], model: Sequence[float], tolerance: float = SPACING_TOLERANCE
-) -> bool:
-    """True when every axis of `source` is within `tolerance` (relative) of `model`'s."""
-    return all(abs(s / m - 1.0) <= tolerance for s, m in zip(source, model, strict=True))
-
+__all__ = ["AxisMap", "LogitsToSource", "ResamplePlan", "ResampledInput"]
 
 _TAP_CUTOFF = 1e-5  # spline weights below this share of a row's largest are dropped
 _MATRIX_BLOCK = 256  # identity columns resampled at a time while building a map
@@ -391,12 +372,3 @@ class LogitsToSource:
         self.out[start : start + len(labels)] = np.stack(labels)
         if self.on_planes is not None:
             self.on_planes(start, start + len(labels))
-
-
-def ratio(source: Sequence[float], model: Sequence[float]) -> tuple[float, ...]:
-    """source / model spacing per axis (above 1: the tomogram is coarser than the model)."""
-    return tuple(s / m for s, m in zip(source, model, strict=True))
-
-
-def is_finite_spacing(values: Sequence[float]) -> bool:
-    return len(values) == 3 and all(math.isfinite(v) and v > 0 for v in values)

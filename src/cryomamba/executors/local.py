@@ -162,7 +162,7 @@ class LocalExecutor:
             tile_batch=config.tile_batch,
             fp16=config.fp16,
         )
-        _warn_spacing(volume, model)
+        spacing = _decide_spacing(volume, model, config)
         labels = temporary_labels(volume.shape)
         preview = _PreviewBuilder(labels, config.preview_scale)
         start = time.monotonic()
@@ -195,6 +195,7 @@ class LocalExecutor:
                 on_planes=on_planes,
                 cancel=job.cancel_requested,
                 release=volume.release,
+                spacing=spacing.engine_spacing,
             )
         except EngineCanceled:
             raise _CanceledSignal from None
@@ -212,11 +213,13 @@ class LocalExecutor:
                 "sha256": volume.checksum(),
                 "shape": list(volume.shape),
             },
+            "spacing": spacing.to_dict(),
             "seconds": round(time.monotonic() - start, 3),
         }
         return Segmentation(
             labels=labels,
-            voxel_size=volume.voxel_size,
+            # an override is the true voxel size: the mask and its statistics carry it
+            voxel_size=spacing.voxel_size if spacing.source == "override" else volume.voxel_size,
             origin=volume.origin,
             label_names=model.label_names,
             provenance=provenance,
@@ -235,16 +238,19 @@ class _CanceledSignal(Exception):
     pass
 
 
-def _warn_spacing(volume: Volume, model) -> None:
-    """The engine does not resample: say so when the voxel size is far from the model's."""
-    ratio = [v / m for v, m in zip(volume.voxel_size, model.spacing) if m > 0]
-    if ratio and any(r < 0.8 or r > 1.25 for r in ratio):
-        log.warning(
-            "voxel size %s Å differs from the model's %s Å by more than 25%%; CryoMamba "
-            "does not resample, so results may suffer: bin or rescale the tomogram first",
-            volume.voxel_size,
-            model.spacing,
-        )
+def _decide_spacing(volume: Volume, model: Any, config: JobConfig) -> Any:
+    """The job's voxel size and whether it resamples (`cryomamba.spacing`); may refuse."""
+    from ..spacing import decide_spacing
+
+    return decide_spacing(
+        voxel_size=volume.voxel_size,
+        voxel_size_known=volume.voxel_size_known,
+        from_file=volume.path is not None,
+        model_voxel_size=model.spacing_zyx,
+        override=config.voxel_size,
+        resample=config.resample,
+        name=volume.path.name if volume.path is not None else "the array",
+    )
 
 
 @hookimpl
