@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from enum import StrEnum
+from enum import Enum
 from typing import TYPE_CHECKING
 
 from .errors import JobCanceledError, JobFailedError
 from .events import Canceled, Completed, Event, Failed, Preview, Progress
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+        def __format__(self, spec: str) -> str:
+            return format(str(self.value), spec)
+
 
 if TYPE_CHECKING:
     from .segmentation import Segmentation
