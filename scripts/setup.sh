@@ -47,7 +47,7 @@ fi
 VPY=.venv/bin/python
 stamp=.venv/.cryomamba-setup
 want=$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh \
-  plugins/napari-cryomamba/pyproject.toml | sha256sum | cut -c1-16)
+  plugins/napari-cryomamba/pyproject.toml plugins/cryomamba-dask/pyproject.toml | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -55,7 +55,7 @@ echo "setting up .venv (first run only; a few minutes)..." >&2
 "$VPY" -m pip install --quiet --upgrade pip
 # CPU torch first, then the project under a constraint that keeps it (see docs/install.md).
 "$VPY" -m pip install --quiet torch==2.13.0
-"$VPY" -m pip install --quiet -c scripts/constraints.txt -e ".[dev,server,napari,napari-dev]" \
-  -e plugins/napari-cryomamba
+"$VPY" -m pip install --quiet -c scripts/constraints.txt -e ".[dev,server,napari,napari-dev,dask]" \
+  -e plugins/napari-cryomamba -e plugins/cryomamba-dask
 echo "$want" > "$stamp"
 echo "set-up done" >&2
