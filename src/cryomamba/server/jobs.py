@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,7 +15,7 @@ from ..config import JobConfig
 from ..errors import CryoMambaError
 from .auth import sign_artifact
 from .errors import ApiError, not_found
-from .paths import resolve_server_path
+from .paths import file_identity, open_job_source, open_nofollow, resolve_server_path
 from .storage import new_id
 from .uploads import json_body
 
@@ -33,7 +35,7 @@ def job_record(server, row: dict[str, Any]) -> dict[str, Any]:
         for name, info in row["artifacts"].items():
             url, exp = sign_artifact(server.secret, row["id"], name, server.settings.url_ttl_s)
             artifacts[name] = {**info, "url": url, "expires_at": exp}
-    source = {k: v for k, v in row["source"].items() if k != "path"}
+    source = {k: v for k, v in row["source"].items() if k not in ("path", "identity")}
     return {
         "id": row["id"],
         "state": row["state"],
@@ -187,10 +189,13 @@ class JobRoutes:
             row = self.server.storage.file(file_id)
             if row is None or not request.state.principal.owns(row["owner"]):
                 raise not_found("file", file_id)
+            path = os.path.realpath(row["path"])  # the server's own file: links are its own
+            identity = await anyio.to_thread.run_sync(_identity, path)
             return {
                 "file_id": file_id,
                 "filename": row["filename"],
-                "path": row["path"],
+                "path": path,
+                "identity": identity,
                 "sha256": row["sha256"],
                 **row["meta"],
             }
@@ -214,15 +219,33 @@ class JobRoutes:
         return {"name": name, "sha256": self._model_sha[name]}
 
 
-def _describe(path) -> dict[str, Any]:
-    from ..volume import Volume
+def _describe(path: Path) -> dict[str, Any]:
+    """Shape, voxel size and dtype of the file at `path`, and its identity for the worker.
 
+    The file is opened once, without following links, and described from that open file,
+    so the identity recorded is that of the file whose header was checked.
+    """
     try:
-        with Volume.open(path) as volume:
+        with open_job_source({"path": str(path), "filename": path.name}) as volume:
             return {
+                "identity": file_identity(volume.fd),
                 "shape": list(volume.shape),
                 "voxel_size": list(volume.voxel_size),
                 "dtype": str(volume.dtype),
             }
     except CryoMambaError as exc:
-        raise ApiError.from_core(exc) from None
+        raise ApiError.from_core(exc, status=_STATUS.get(exc.code, 422)) from None
+
+
+def _identity(path: str) -> list[int]:
+    try:
+        fd = open_nofollow(path)
+    except CryoMambaError as exc:
+        raise ApiError.from_core(exc, status=_STATUS.get(exc.code, 422)) from None
+    try:
+        return file_identity(fd)
+    finally:
+        os.close(fd)
+
+
+_STATUS = {"path_not_allowed": 403, "file_not_found": 404}

@@ -22,6 +22,7 @@ from ..errors import CryoMambaError
 from ..events import Canceled, Completed, Event, Failed, Preview, Progress
 from ..executors.base import Executor, failure, make_executor
 from ..job import Job, JobState
+from .paths import open_job_source
 from .storage import Storage
 
 __all__ = ["JobRunner", "detect_devices"]
@@ -207,9 +208,7 @@ class JobRunner:
         config = JobConfig.from_dict(row["config"]).replace(device=device)
         recorder.begin(device, config)
         try:
-            from ..volume import Volume
-
-            volume = Volume.open(row["source"]["path"], sha256=row["source"].get("sha256"))
+            volume = open_job_source(row["source"])  # the file checked at submit, no link followed
         except (CryoMambaError, OSError) as exc:
             job.emit(
                 failure(
