@@ -32,6 +32,7 @@ EXPECTED = {
     "hookimpl",
     "resolve_model",
     "segment",
+    "segment_many",
     "sinks",
     "submit",
 }

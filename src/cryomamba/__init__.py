@@ -12,6 +12,7 @@ from __future__ import annotations
 from . import sinks
 from ._version import __version__
 from .api import segment, submit
+from .cohort import segment_many
 from .config import JobConfig
 from .errors import (
     ConfigError,
@@ -54,6 +55,7 @@ __all__ = [
     "hookimpl",
     "resolve_model",
     "segment",
+    "segment_many",
     "sinks",
     "submit",
 ]
