@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tile-batch", type=int, default=1, metavar="N", help="tiles per network call")
     add("-q", "--quiet", action="store_true", help="no progress bar or table; print the paths")
 
+    add = command("batch", "segment many tomograms (paths, globs, folders) on any executor")
+    from .batch import add_arguments as add_batch_arguments
+
+    add_batch_arguments(add)
+    add("-q", "--quiet", action="store_true", help="no progress display or table")
+
     add = command("info", "show a tomogram's metadata (from the header)")
     add("input", type=Path, metavar="IN", help="the tomogram")
     add("--json", action="store_true", help="print JSON")
@@ -176,6 +182,12 @@ def _cmd_segment(args: argparse.Namespace, ui: _UI) -> int:
             log.warning("%s has no voxel size; assuming %s Å", args.input, volume.voxel_size)
         _segment_and_save(ui, volume, config, spec.name, args.out)
     return 0
+
+
+def _cmd_batch(args: argparse.Namespace, ui: _UI) -> int:
+    from .batch import run
+
+    return run(args, ui.err, ui.out, quiet=ui.quiet)
 
 
 def _cmd_serve(args: argparse.Namespace, ui: _UI) -> int:
