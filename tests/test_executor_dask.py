@@ -202,3 +202,32 @@ def test_entry_point_registers_the_executor_without_importing_dask():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True []"
+
+
+def test_segment_many_on_dask_equals_local_and_a_rerun_skips(
+    dask_executor, tiny_model, tmp_path, mrc_file
+):
+    import mrcfile
+
+    import cryomamba as cm
+
+    folder = tmp_path / "tomos"
+    folder.mkdir()
+    for n in range(3):
+        data = np.random.default_rng(n).normal(size=(16, 24, 24)).astype(np.float32)
+        with mrcfile.new(folder / f"t{n}.mrc") as mrc:
+            mrc.set_data(data)
+            mrc.voxel_size = 10.0
+    (folder / "t9.mrc").write_bytes(b"corrupt" * 100)
+    cfg = JobConfig(model=str(tiny_model), formats=("mrc", "stats"))
+    items = cm.segment_many(folder, cfg, out=tmp_path / "dask", executor=dask_executor)
+    assert [i.state for i in items] == ["completed"] * 3 + ["failed"]
+    assert items[3].error_code == "invalid_volume"
+    local = cm.segment_many(folder / "t1.mrc", cfg, out=tmp_path / "local")
+    with (
+        mrcfile.open(tmp_path / "dask/t1/mask.mrc") as a,
+        mrcfile.open(local[0].out / "mask.mrc") as b,
+    ):
+        np.testing.assert_array_equal(a.data, b.data)
+    again = cm.segment_many(folder, cfg, out=tmp_path / "dask", executor=dask_executor)
+    assert [i.state for i in again] == ["skipped"] * 3 + ["failed"]

@@ -37,10 +37,9 @@ import numpy as np
 from cryomamba.config import JobConfig
 from cryomamba.errors import ConfigError, InvalidVolumeError
 from cryomamba.events import Canceled, Completed, Failed
-from cryomamba.executors.base import failure
+from cryomamba.executors.base import failure, job_for
 from cryomamba.job import Job, JobState
 from cryomamba.segmentation import Segmentation
-from cryomamba.sinks.base import as_sink
 from cryomamba.sinks.file import FileSink
 from cryomamba.volume import Volume
 
@@ -114,15 +113,20 @@ class DaskExecutor:
         return f"DaskExecutor(scheduler={self.client.scheduler.address!r}, out={str(self.out)!r})"
 
     # -- the executor interface -----------------------------------------------------------------
-    def submit(self, source: Any, config: JobConfig, sinks: Sequence[Any] = ()) -> Job:
-        """Queue `source` (an MRC path, a Volume or an array) as one task; return its `Job`."""
+    def submit(
+        self, source: Any, config: JobConfig, sinks: Sequence[Any] = (), *, job: Job | None = None
+    ) -> Job:
+        """Queue `source` (an MRC path, a Volume or an array) as one task; return its `Job`.
+
+        `job`: a `Job` the caller made (the server's runner does) to feed instead of a new one.
+        """
         if self._closed:
             raise ConfigError("this DaskExecutor is closed", hint="create a new one")
         files = [s for s in sinks if isinstance(s, FileSink)]
-        others = [as_sink(s) for s in sinks if not isinstance(s, FileSink)]
+        others = [s for s in sinks if not isinstance(s, FileSink)]
         payload, geometry = self._source(source)
         holder: list[_Run] = []
-        job = Job(on_cancel=lambda: self._cancel(holder[0]), sinks=others)
+        job = job_for(job, others, lambda: self._cancel(holder[0]))
         out = files[0].out_dir if files else self.out / job.id
         formats = tuple(files[0].formats or config.formats) if files else config.formats
         run = _Run(job=job, out=Path(out).absolute())
