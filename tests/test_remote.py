@@ -20,7 +20,7 @@ import pytest
 import cryomamba as cm
 from cryomamba import JobConfig, Volume
 from cryomamba.events import Canceled, Completed, Failed, Progress
-from cryomamba.executors.remote import RemoteExecutor, ServerPath
+from cryomamba.executors.remote import RemoteExecutor, ServerPath, UploadedFile
 from cryomamba.testing import ExecutorTests, make_model_folder
 
 for _module in ("httpx", "websockets", "starlette", "uvicorn", "jwt"):  # the `server` extra
@@ -579,5 +579,45 @@ def test_upload_returns_a_file_id_and_a_second_upload_reuses_it(server, token, m
     finally:
         ex.close()
     assert first == again
-    raw = server.data_dir / "raw" / f"{first}.mrc"
+    raw = server.data_dir / "raw" / f"{first.id}.mrc"
     assert raw.read_bytes() == mrc_file.read_bytes()
+
+
+def test_submit_takes_what_upload_returns(server, token, mrc_file, tmp_path):
+    ex = Recording(server.url, token, download_dir=tmp_path / "dl")
+    try:
+        uploaded = ex.upload(mrc_file)
+        ex.exchanges.clear()
+        result = ex.submit(uploaded, JobConfig(model="tiny")).result(120)
+        again = ex.submit(UploadedFile(uploaded.id), JobConfig(model="tiny")).result(120)
+    finally:
+        ex.close()
+    assert not [p for _, p, _ in ex.exchanges if "/uploads" in p]  # nothing sent again
+    assert result.labels.shape == Volume.open(mrc_file).shape
+    np.testing.assert_array_equal(np.asarray(result.labels), np.asarray(again.labels))
+
+
+def test_temporary_downloads_go_with_the_result_or_at_close(
+    server, token, mrc_file, tmp_path, monkeypatch
+):
+    import gc
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("CRYOMAMBA_TMPDIR", str(tmp))
+    ex = RemoteExecutor(server.url, token)
+    try:
+        job = ex.submit(mrc_file, JobConfig(model="tiny"))
+        result = job.result(120)
+        (folder,) = tmp.iterdir()
+        assert result.artifacts["mrc"].parent == folder and result.artifacts["mrc"].is_file()
+        labels = np.array(result.labels)
+        del job, result
+        gc.collect()
+        assert list(tmp.iterdir()) == []  # dropped with the result
+        kept = ex.submit(mrc_file, JobConfig(model="tiny")).result(120)
+        assert len(list(tmp.iterdir())) == 1
+    finally:
+        ex.close()
+    assert list(tmp.iterdir()) == []  # closing the executor removes what is left
+    np.testing.assert_array_equal(np.asarray(kept.labels), labels)  # still readable (POSIX)

@@ -5,6 +5,12 @@ upload; `_follow.py` the job's WebSocket; `_http.py` requests with retries and e
 """
 
 from ._http import RemoteError
-from .executor import RemoteExecutor, ServerPath, cryomamba_register_executors
+from .executor import RemoteExecutor, ServerPath, UploadedFile, cryomamba_register_executors
 
-__all__ = ["RemoteError", "RemoteExecutor", "ServerPath", "cryomamba_register_executors"]
+__all__ = [
+    "RemoteError",
+    "RemoteExecutor",
+    "ServerPath",
+    "UploadedFile",
+    "cryomamba_register_executors",
+]

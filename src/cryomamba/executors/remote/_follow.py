@@ -12,6 +12,7 @@ from ...events import Progress, event_from_dict
 from ...job import TERMINAL_STATES, Job, JobState
 from ._http import (
     _UNREACHABLE_HINT,
+    HttpSession,
     RemoteError,
     _error_from_body,
     _ssl_context,
@@ -30,10 +31,13 @@ _ws_log.setLevel(logging.INFO)
 _WS_CLOSE_CODES = {4401: "invalid_token", 4403: "forbidden", 4404: "not_found"}
 
 
-class FollowMixin:
-    """Turn the job's WebSocket messages into `Job` events until the job ends."""
+class Follower:
+    """Turn a server job's WebSocket messages into `Job` events until the job ends."""
 
-    def _follow(self, job: Job, remote: _Remote) -> dict:
+    def __init__(self, http: HttpSession) -> None:
+        self.http = http
+
+    def follow(self, job: Job, remote: _Remote) -> dict[str, Any]:
         """Emit progress and previews until the job ends; return its terminal record.
 
         A dropped socket is reopened with backoff; the server then sends the current state
@@ -42,15 +46,16 @@ class FollowMixin:
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
         from websockets.sync.client import connect
 
-        url = f"{_ws_base(self.server)}/v1/ws/jobs/{remote.job_id}"
+        http = self.http
+        url = f"{_ws_base(http.server)}/v1/ws/jobs/{remote.job_id}"
         options: dict[str, Any] = {
-            "additional_headers": self._auth(),
+            "additional_headers": http.auth(),
             "max_size": None,
-            "open_timeout": self.timeout_s,
+            "open_timeout": http.timeout_s,
             "logger": _ws_log,
         }
-        if url.startswith("wss:") and self.verify is not True:
-            options["ssl"] = _ssl_context(self.verify)
+        if url.startswith("wss:") and http.verify is not True:
+            options["ssl"] = _ssl_context(http.verify)
         failures = 0
         while True:
             try:
@@ -75,7 +80,7 @@ class FollowMixin:
                     ) from None
                 error = RemoteError(
                     "connection_lost",
-                    f"lost the connection to {self.server} "
+                    f"lost the connection to {http.server} "
                     f"while following job {remote.job_id}: {exc}",
                     hint=_UNREACHABLE_HINT,
                     retryable=True,
@@ -86,16 +91,18 @@ class FollowMixin:
                 if not (error.retryable or status in (429, 503)):
                     raise error from None
             except (OSError, TimeoutError, InvalidHandshake) as exc:
-                error = _unreachable(self.server, exc)
+                error = _unreachable(http.server, exc)
             failures += 1
-            if failures > self.retries:
+            if failures > http.retries:
                 raise error
             log.info(
-                "job %s: %s; reconnecting (%d/%d)", job.id, error.message, failures, self.retries
+                "job %s: %s; reconnecting (%d/%d)", job.id, error.message, failures, http.retries
             )
-            time.sleep(self._delay(failures - 1))
+            time.sleep(http.delay(failures - 1))
 
-    def _on_message(self, job: Job, remote: _Remote, message: dict) -> dict | None:
+    def _on_message(
+        self, job: Job, remote: _Remote, message: dict[str, Any]
+    ) -> dict[str, Any] | None:
         """Turn one WebSocket message into events; the terminal record once the job ended."""
         kind = message.get("type")
         if kind == "progress":

@@ -11,6 +11,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,38 +56,71 @@ class _CanceledSignal(Exception):
     pass
 
 
-class HttpMixin:
-    """One shared httpx client and `_request`: what every other part of the executor uses."""
+class HttpSession:
+    """The server's address and credentials, one shared httpx client, and `request` with
+    retries: the part every other part of the executor (uploader, follower, downloads) uses.
 
-    def _auth(self) -> dict[str, str]:
+    `make_client(**kwargs)` builds the httpx client (tests pass one that records or injects
+    faults); by default `new_client`.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        token: str | None,
+        *,
+        retries: int,
+        backoff_s: float,
+        timeout_s: float,
+        verify: bool | str,
+        max_connections: int = 10,
+        make_client: Callable[..., Any] | None = None,
+    ) -> None:
+        self.server, self._token = server, token
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.verify, self.max_connections = verify, max_connections
+        self._make_client = make_client or self.new_client
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never the token
+        return f"HttpSession({self.server!r})"
+
+    def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
-    def _http(self) -> Any:
+    def client(self) -> Any:
         with self._lock:
             if self._client is None:
                 self._client = self._make_client()
             return self._client
 
-    def _make_client(self, **kwargs: Any) -> Any:
-        """The one httpx.Client all threads share; tests override this to wrap the transport."""
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def new_client(self, **kwargs: Any) -> Any:
+        """The one httpx.Client all threads share."""
         import httpx
 
         _redact_httpx_log()
         verify = self.verify if self.verify is True else _ssl_context(self.verify)
-        limits = httpx.Limits(max_connections=max(10, 2 * self.parallel_uploads))
+        limits = httpx.Limits(max_connections=self.max_connections)
         return httpx.Client(timeout=self.timeout_s, verify=verify, limits=limits, **kwargs)
 
-    def _long_timeout(self) -> Any:
+    def long_timeout(self) -> Any:
         """For `complete`: the server hashes and checks the whole file before it answers."""
         import httpx
 
         return httpx.Timeout(self.timeout_s, read=max(600.0, self.timeout_s))
 
-    def _delay(self, attempt: int) -> float:
+    def delay(self, attempt: int) -> float:
         """Exponential backoff with jitter, capped at 30 s."""
         return min(self.backoff_s * 2**attempt, _MAX_DELAY_S) + random.uniform(0, self.backoff_s)
 
-    def _request(
+    def request(
         self,
         method: str,
         path: str,
@@ -105,9 +139,9 @@ class HttpMixin:
         in `ok`; raises `RemoteError` otherwise, `_CanceledSignal` when `cancel` is set."""
         import httpx
 
-        client = self._http()
+        client = self.client()
         events = cancel if isinstance(cancel, tuple) else (cancel,) if cancel else ()
-        headers = {**self._auth(), **(headers or {})}
+        headers = {**self.auth(), **(headers or {})}
         timeout = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
         for attempt in range(self.retries + 1):
             wait = None
@@ -143,7 +177,7 @@ class HttpMixin:
                 wait = _retry_after(resp)
             if attempt >= self.retries:
                 raise error
-            wait = wait if wait is not None else self._delay(attempt)
+            wait = wait if wait is not None else self.delay(attempt)
             log.info(
                 "%s %s: %s; retry %d/%d in %.1f s",
                 method,

@@ -13,15 +13,21 @@ from typing import Any
 import numpy as np
 
 from ...volume import Volume
-from ._http import _BLOCK, RemoteError, _CanceledSignal, _error_from
+from ._http import _BLOCK, HttpSession, RemoteError, _CanceledSignal, _error_from
 
 log = logging.getLogger(__name__)
 
 
-class UploadMixin:
-    """Send a file in parts (only those the server lacks) and complete it into a file id."""
+class Uploader:
+    """Send a file in parts (only those the server lacks) and complete it into a file id.
 
-    def _upload(self, path: Path, cancel: threading.Event) -> str:
+    `part_size` None lets the server choose; at most `parallel_uploads` parts are in flight.
+    """
+
+    def __init__(self, http: HttpSession, *, part_size: int | None, parallel_uploads: int) -> None:
+        self.http, self.part_size, self.parallel_uploads = http, part_size, parallel_uploads
+
+    def upload(self, path: Path, cancel: threading.Event) -> str:
         """Upload `path` in parts (resuming what the server already has); returns its file id."""
         size = path.stat().st_size
         body: dict[str, Any] = {
@@ -31,9 +37,9 @@ class UploadMixin:
         }
         if self.part_size:
             body["part_size"] = int(self.part_size)
-        record = self._request("POST", "/v1/uploads/init", json=body, cancel=cancel).json()
+        record = self.http.request("POST", "/v1/uploads/init", json=body, cancel=cancel).json()
         upload_id = record["upload_id"]
-        for _ in range(self.retries + 1):
+        for _ in range(self.http.retries + 1):
             if record.get("state") == "completed" and record.get("file_id"):
                 log.info("%s is already on the server as %s", path.name, record["file_id"])
                 return str(record["file_id"])
@@ -46,19 +52,19 @@ class UploadMixin:
                 record["parts_total"],
             )
             self._put_parts(path, size, upload_id, int(record["part_size"]), missing, cancel)
-            resp = self._request(
+            resp = self.http.request(
                 "POST",
                 f"/v1/uploads/{upload_id}/complete",
                 ok=(409,),
                 cancel=cancel,
-                timeout=self._long_timeout(),
+                timeout=self.http.long_timeout(),
             )
             if resp.status_code != 409:
                 return str(resp.json()["file_id"])
             error = _error_from(resp)
             if error.code != "missing_parts":
                 raise error
-            record = self._request("GET", f"/v1/uploads/{upload_id}", cancel=cancel).json()
+            record = self.http.request("GET", f"/v1/uploads/{upload_id}", cancel=cancel).json()
         raise error
 
     def _put_parts(
@@ -106,7 +112,7 @@ class UploadMixin:
             data = f.read(min(part_size, size - offset))
         digest = hashlib.sha256(data).hexdigest()
         headers = {"X-Part-SHA256": digest, "Content-Type": "application/octet-stream"}
-        resp = self._request(
+        resp = self.http.request(
             "PUT",
             f"/v1/uploads/{upload_id}/part/{index}",
             content=data,

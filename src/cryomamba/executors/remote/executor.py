@@ -6,8 +6,17 @@ follow its WebSocket (Progress and Preview as they come, reconnect with backoff)
 download the signed artifacts, check their sha256 and return a `Segmentation` whose labels
 are memory-mapped from the downloaded mask.mrc.
 
-This module holds the executor's interface and the results; the upload, the WebSocket and
-the HTTP plumbing live beside it as mixins of the same class. httpx and websockets are
+This module holds the executor's interface and the results. It is built from parts that
+live beside it, each an object it owns: an `HttpSession` (`_http.py`: the shared client,
+requests with retries, errors), an `Uploader` (`_upload.py`) and a `Follower` (`_follow.py`,
+the job's WebSocket), the last two given the session.
+
+Downloads: into `download_dir/<server job id>/` when the caller names a folder (the files
+stay: they are the caller's), else into a temporary folder per job that is removed when
+the result is garbage-collected or the executor is closed, whichever comes first. The
+result's labels are memory-mapped from that folder's mask.mrc; on POSIX systems they stay
+readable after the folder is removed, but `result.artifacts` then names files that are
+gone: `result.save(folder)` or a `download_dir` keeps them. httpx and websockets are
 imported inside the methods that need them; the executor is only offered when both are
 installed (the `server` extra).
 """
@@ -23,7 +32,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,20 +49,20 @@ from ...job import Job, JobState
 from ...segmentation import Segmentation
 from ...volume import Volume
 from ..base import failure, is_bug, job_for
-from ._follow import FollowMixin
+from ._follow import Follower
 from ._http import (
     _BLOCK,
     _UNREACHABLE_HINT,
-    HttpMixin,
+    HttpSession,
     RemoteError,
     _CanceledSignal,
     _tmpdir,
 )
-from ._upload import UploadMixin, _write_mrc
+from ._upload import Uploader, _write_mrc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteExecutor", "ServerPath"]
+__all__ = ["RemoteExecutor", "ServerPath", "UploadedFile"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,17 @@ class ServerPath:
     """A file that is already on the server (under one of its `--root` folders): no upload."""
 
     path: str
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A file already uploaded to the server, by its file id (what `upload()` returns):
+    `submit(UploadedFile(id), ...)` runs a job on it without sending it again."""
+
+    id: str
+
+    def __str__(self) -> str:
+        return self.id
 
 
 @dataclass
@@ -81,11 +102,12 @@ class _Remote:
             return self.job_id
 
 
-class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
+class RemoteExecutor:
     """Runs jobs on a CryoMamba server (`server` URL, bearer `token` or $CRYOMAMBA_TOKEN).
 
-    Results are downloaded into `download_dir/<server job id>/` (default: a temporary folder
-    per executor, left in place because the result's labels are memory-mapped from it).
+    Results are downloaded into `download_dir/<server job id>/` and stay there; without a
+    `download_dir`, into a temporary folder per job, removed once the result is dropped or
+    the executor closed (see the module docstring).
     """
 
     def __init__(
@@ -111,15 +133,23 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
                 "need parallel_uploads >= 1, retries >= 0, backoff_s >= 0 and timeout_s > 0"
             )
         self.server = server.rstrip("/")
-        self._token = token if token is not None else os.environ.get("CRYOMAMBA_TOKEN")
-        self.parallel_uploads, self.part_size = parallel_uploads, part_size
-        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.http = HttpSession(
+            self.server,
+            token if token is not None else os.environ.get("CRYOMAMBA_TOKEN"),
+            retries=retries,
+            backoff_s=backoff_s,
+            timeout_s=timeout_s,
+            verify=verify,
+            max_connections=max(10, 2 * parallel_uploads),
+            make_client=self._make_client,
+        )
+        self.uploader = Uploader(self.http, part_size=part_size, parallel_uploads=parallel_uploads)
+        self.follower = Follower(self.http)
         self.download_dir = Path(download_dir) if download_dir is not None else None
-        self.verify = verify
-        self._client: Any = None
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._labels: dict[str, dict[int, str]] = {}
+        self._temporary: list[weakref.finalize[..., Any]] = []  # per-job download folders
         self._closed = False
 
     def __repr__(self) -> str:  # never the token
@@ -152,25 +182,32 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
         return job
 
     def close(self) -> None:
-        """Wait for the jobs' threads to end, then close the HTTP client."""
+        """Wait for the jobs' threads to end, close the HTTP client, and remove the temporary
+        download folders (a `download_dir` of the caller's is left as it is)."""
         self._closed = True
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join()
+        self.http.close()
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            temporary, self._temporary = self._temporary, []
+        for remove in temporary:
+            remove()
 
-    def upload(self, path: str | os.PathLike[str]) -> str:
-        """Upload one MRC file (resuming a partial upload of it) and return its server file id.
+    def _make_client(self, **kwargs: Any) -> Any:
+        """The httpx client the session shares; tests override this to wrap the transport."""
+        return self.http.new_client(**kwargs)
 
-        Jobs can then name it without sending it again; `submit` calls this itself.
+    def upload(self, path: str | os.PathLike[str]) -> UploadedFile:
+        """Upload one MRC file (resuming a partial upload of it); the server's file, by id.
+
+        `submit(uploaded, config)` then runs a job on it without sending it again (`submit`
+        uploads a path itself); `uploaded.id` is the server's file id.
         """
         path = Path(path)
         Volume.open(path).close()  # a corrupt file fails here, before any request
-        return self._upload(path, threading.Event())
+        return UploadedFile(self.uploader.upload(path, threading.Event()))
 
     # -- one job ----------------------------------------------------------------------------
     def _run(self, job: Job, remote: _Remote, source: Any, config: JobConfig) -> None:
@@ -201,33 +238,42 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
         # the result is built from mask.mrc and stats.json, so the server must write them
         formats = tuple(dict.fromkeys(("mrc", "stats", *config.formats)))
         body = {**target, "config": config.replace(formats=formats).to_dict()}
-        record = self._request("POST", "/v1/jobs", json=body, idempotent=False).json()
+        record = self.http.request("POST", "/v1/jobs", json=body, idempotent=False).json()
         with remote.lock:
             remote.job_id = str(record["id"])
         log.info("job %s runs on %s as %s", job.id, self.server, remote.job_id)
         if remote.claim_delete() is not None:  # canceled while the job was being created
             self._delete(remote.job_id)
-        record = self._follow(job, remote)
+        record = self.follower.follow(job, remote)
         if record["state"] == JobState.FAILED:
             raise RemoteError.from_dict(record.get("error"))
         if record["state"] == JobState.CANCELED:
             raise _CanceledSignal
         return self._download_result(record, config, local)
 
-    def _upload_source(self, source: Any, local: Volume | None, cancel: threading.Event) -> dict:
-        """{"server_path": ...} for a ServerPath, else upload the file and give {"file_id": ...}."""
-        if local is None:
+    def _upload_source(
+        self, source: Any, local: Volume | None, cancel: threading.Event
+    ) -> dict[str, str]:
+        """{"server_path": ...} for a ServerPath, {"file_id": ...} for an uploaded file, else
+        upload the file (an array is written to a temporary MRC first) and give its id."""
+        if isinstance(source, ServerPath):
             return {"server_path": source.path}
+        if isinstance(source, UploadedFile):
+            return {"file_id": source.id}
+        assert local is not None
         if local.path is not None:
-            return {"file_id": self._upload(Path(local.path), cancel)}
+            return {"file_id": self.uploader.upload(Path(local.path), cancel)}
         folder = Path(tempfile.mkdtemp(prefix="cryomamba-upload-", dir=_tmpdir()))
         try:
-            return {"file_id": self._upload(_write_mrc(local, folder / "volume.mrc"), cancel)}
+            upload = _write_mrc(local, folder / "volume.mrc")
+            return {"file_id": self.uploader.upload(upload, cancel)}
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     # -- results ------------------------------------------------------------------------------
-    def _download_result(self, record: dict, config: JobConfig, local: Volume | None) -> Completed:
+    def _download_result(
+        self, record: dict[str, Any], config: JobConfig, local: Volume | None
+    ) -> Completed:
         """Download the artifacts (checked) and build the `Segmentation` from them."""
         from ...artifacts import FORMATS
 
@@ -241,13 +287,17 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
                 f"job {job_id} finished without {', '.join(lacking)}",
                 hint="this is a server bug; please report it with the server log",
             )
-        folder = self._download_root() / job_id
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = {
-            f: self._download(job_id, n, available, folder / n)
-            for f, n in wanted.items()
-            if n in available
-        }
+        folder, remove = self._download_folder(job_id)
+        try:
+            paths = {
+                f: self._download(job_id, n, available, folder / n)
+                for f, n in wanted.items()
+                if n in available
+            }
+        except BaseException:
+            if remove is not None:
+                remove()
+            raise
         mask = Volume.open(paths["mrc"])
         labels = mask.data.view(np.uint8) if mask.dtype == np.int8 else mask.data  # mode 0
         stats = json.loads(paths["stats"].read_text(encoding="utf-8"))
@@ -270,9 +320,11 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
             artifacts=paths,
             _stats=stats,
         )
+        if remove is not None:  # the folder goes with the result (or at close)
+            self._track_temporary(weakref.finalize(result, remove))
         return Completed(result=result, artifacts={f: str(p) for f, p in paths.items()})
 
-    def _download(self, job_id: str, name: str, available: dict, dest: Path) -> Path:
+    def _download(self, job_id: str, name: str, available: dict[str, Any], dest: Path) -> Path:
         """Fetch one artifact to a temporary name, check its sha256, rename it into place.
 
         An expired or refused signature gets fresh URLs once (`available` is updated).
@@ -283,7 +335,7 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
         except RemoteError as exc:
             if exc.status not in (403, 404, 410):
                 raise
-            available.update(self._request("GET", f"/v1/jobs/{job_id}").json()["artifacts"])
+            available.update(self.http.request("GET", f"/v1/jobs/{job_id}").json()["artifacts"])
             digest = self._fetch(str(available[name]["url"]), tmp)
         expected = available[name].get("sha256")
         if expected and digest != expected:
@@ -302,9 +354,10 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
         """Stream `url` into `dest`, again from the start if the stream breaks; its sha256."""
         import httpx
 
-        for attempt in range(self.retries + 1):
+        retries = self.http.retries
+        for attempt in range(retries + 1):
             digest = hashlib.sha256()
-            resp = self._request("GET", url, stream=True)
+            resp = self.http.request("GET", url, stream=True)
             try:
                 with open(dest, "wb") as f:
                     for chunk in resp.iter_bytes(_BLOCK):
@@ -312,7 +365,7 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
                         digest.update(chunk)
                 return digest.hexdigest()
             except httpx.TransportError as exc:
-                if attempt >= self.retries:
+                if attempt >= retries:
                     raise RemoteError(
                         "network_error",
                         f"downloading {urlsplit(url).path} failed: {exc}",
@@ -321,7 +374,7 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
                     ) from None
             finally:
                 resp.close()
-            time.sleep(self._delay(attempt))
+            time.sleep(self.http.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _label_names(self, model: str) -> dict[int, str]:
@@ -330,7 +383,7 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
             if model in self._labels:
                 return self._labels[model]
         try:
-            info = self._request("GET", "/v1/server/info").json()
+            info = self.http.request("GET", "/v1/server/info").json()
             found = {m.get("name"): m.get("labels") for m in info.get("models", ())}
             names = {int(k): str(v) for k, v in (found.get(model) or {}).items()}
         except (CryoMambaError, ValueError, TypeError, AttributeError) as exc:
@@ -340,18 +393,24 @@ class RemoteExecutor(UploadMixin, FollowMixin, HttpMixin):
             self._labels[model] = names
         return names
 
-    def _download_root(self) -> Path:
+    def _download_folder(self, job_id: str) -> tuple[Path, Callable[[], None] | None]:
+        """Where one job's artifacts go, and how to remove that folder (None: the caller's)."""
+        if self.download_dir is not None:
+            folder = self.download_dir / job_id
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder, None
+        folder = Path(tempfile.mkdtemp(prefix=f"cryomamba-remote-{job_id}-", dir=_tmpdir()))
+        return folder, lambda: shutil.rmtree(folder, ignore_errors=True)
+
+    def _track_temporary(self, remove: weakref.finalize[..., Any]) -> None:
         with self._lock:
-            if self.download_dir is None:
-                self.download_dir = Path(
-                    tempfile.mkdtemp(prefix="cryomamba-remote-", dir=_tmpdir())
-                )
-            return self.download_dir
+            self._temporary = [f for f in self._temporary if f.alive]
+            self._temporary.append(remove)
 
     def _delete(self, job_id: str | None) -> None:
         """Ask the server to cancel; 409 (already ended) is fine: the WebSocket tells the end."""
         try:
-            self._request("DELETE", f"/v1/jobs/{job_id}", ok=(409,))
+            self.http.request("DELETE", f"/v1/jobs/{job_id}", ok=(409,))
         except CryoMambaError as exc:
             log.warning("could not cancel job %s on %s: %s", job_id, self.server, exc)
 
@@ -361,13 +420,14 @@ def _local_volume(source: Any) -> Volume | None:
     """The source as a local `Volume` (validated: a corrupt file fails here), or None."""
     from ..local import open_source
 
-    if isinstance(source, ServerPath):
+    if isinstance(source, (ServerPath, UploadedFile)):
         return None
     if isinstance(source, (str, os.PathLike, np.ndarray, Volume)):
         return open_source(source)
     raise InvalidVolumeError(
         f"cannot segment a {type(source).__name__}",
-        hint="pass an MRC path, a Volume, a 3D array, or a ServerPath for a file on the server",
+        hint="pass an MRC path, a Volume, a 3D array, a ServerPath for a file on the server, "
+        "or the UploadedFile that upload() returned",
     )
 
 
