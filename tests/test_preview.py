@@ -142,7 +142,26 @@ def test_public_api():
 
     assert set(preview.__all__) == {
         "MAX_SCALE",
+        "PreviewBuilder",
         "decode_preview",
         "downsample_labels",
         "encode_preview",
     }
+
+
+def test_preview_builder_takes_in_whole_blocks_and_the_end():
+    from cryomamba.preview import PreviewBuilder
+
+    labels = np.zeros((5, 4, 4), np.uint8)
+    builder = PreviewBuilder(labels, 2)
+    labels[:3] = 1
+    builder.update(3)  # planes 0..2 finished: only the first block of 2 is whole
+    first = builder.event()
+    assert first.shape == (5, 4, 4) and first.planes_done == 3
+    assert first.labels.shape == (3, 2, 2)
+    assert first.labels[0].all() and not first.labels[1:].any()
+    labels[3:] = 2
+    builder.update(5)  # the end: the last, partial block too
+    last = builder.event()
+    assert last.labels[1].max() == 2 and last.labels[2].max() == 2
+    assert not first.labels[1:].any()  # an event is a copy, not a view that changes later

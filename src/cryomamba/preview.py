@@ -20,13 +20,22 @@ import base64
 import binascii
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import InvalidVolumeError
 
-__all__ = ["MAX_SCALE", "decode_preview", "downsample_labels", "encode_preview"]
+if TYPE_CHECKING:
+    from .events import Preview
+
+__all__ = [
+    "MAX_SCALE",
+    "PreviewBuilder",
+    "decode_preview",
+    "downsample_labels",
+    "encode_preview",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +154,40 @@ def decode_preview(d: dict[str, Any]) -> tuple[int, np.ndarray]:
             f"needs {expected}"
         )
     return scale, np.frombuffer(raw, dtype=np.uint8).reshape(shape).copy()
+
+
+class PreviewBuilder:
+    """A block-max downsampled copy of a label map being filled plane by plane, updated only
+    where planes were finished since the last update (what an executor sends as `Preview`)."""
+
+    def __init__(self, labels: np.ndarray[Any, Any], scale: int) -> None:
+        self.labels = labels
+        self.scale = scale
+        self.small = np.zeros(tuple(math.ceil(s / scale) for s in labels.shape), dtype=np.uint8)
+        self.blocks_done = 0
+        self.planes_done = 0
+
+    def update(self, planes_done: int) -> None:
+        """Take in planes [0, planes_done) (only whole blocks of `scale` planes, or the end)."""
+        nz = self.labels.shape[0]
+        self.planes_done = max(self.planes_done, planes_done)
+        full = nz if self.planes_done >= nz else self.planes_done // self.scale * self.scale
+        blocks = math.ceil(full / self.scale)
+        if blocks > self.blocks_done:
+            z0 = self.blocks_done * self.scale
+            self.small[self.blocks_done : blocks] = downsample_labels(
+                self.labels[z0:full], self.scale
+            )
+            self.blocks_done = blocks
+
+    def event(self) -> Preview:
+        """The current preview as an event (a copy: later updates do not change it)."""
+        from .events import Preview
+
+        z, y, x = (int(s) for s in self.labels.shape)
+        return Preview(
+            scale=self.scale,
+            shape=(z, y, x),
+            labels=self.small.copy(),
+            planes_done=self.planes_done,
+        )

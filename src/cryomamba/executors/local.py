@@ -7,7 +7,6 @@ on a worker thread; the caller's thread only reads events.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -15,28 +14,19 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
 from ..config import JobConfig
-from ..events import Canceled, Completed, Preview, Progress
+from ..events import Canceled, Completed, Progress
 from ..hookspecs import hookimpl
 from ..job import Job, JobState
+from ..preview import PreviewBuilder
 from ..segmentation import Segmentation
+from ..sources import open_source
 from ..volume import Volume
 from .base import failure, is_bug, job_for
 
 __all__ = ["LocalExecutor", "open_source"]
 
 log = logging.getLogger(__name__)
-
-
-def open_source(source: Any) -> Volume:
-    """A `Volume`, a path to an MRC file, or a 3D array → `Volume`."""
-    if isinstance(source, Volume):
-        return source
-    if isinstance(source, np.ndarray):
-        return Volume.from_array(source)
-    return Volume.open(source)
 
 
 class _ModelCache:
@@ -63,39 +53,6 @@ class _ModelCache:
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
         return model
-
-
-class _PreviewBuilder:
-    """Keeps a block-max downsampled copy of the mask, updated only where planes were finished."""
-
-    def __init__(self, labels: np.ndarray, scale: int) -> None:
-        self.labels = labels
-        self.scale = scale
-        self.small = np.zeros(tuple(math.ceil(s / scale) for s in labels.shape), dtype=np.uint8)
-        self.blocks_done = 0
-        self.planes_done = 0
-
-    def update(self, planes_done: int) -> None:
-        from ..preview import downsample_labels
-
-        nz = self.labels.shape[0]
-        self.planes_done = max(self.planes_done, planes_done)
-        full = nz if self.planes_done >= nz else self.planes_done // self.scale * self.scale
-        blocks = math.ceil(full / self.scale)
-        if blocks > self.blocks_done:
-            z0 = self.blocks_done * self.scale
-            self.small[self.blocks_done : blocks] = downsample_labels(
-                self.labels[z0:full], self.scale
-            )
-            self.blocks_done = blocks
-
-    def event(self) -> Preview:
-        return Preview(
-            scale=self.scale,
-            shape=tuple(self.labels.shape),  # type: ignore[arg-type]
-            labels=self.small.copy(),
-            planes_done=self.planes_done,
-        )
 
 
 class LocalExecutor:
@@ -164,7 +121,7 @@ class LocalExecutor:
         )
         spacing = _decide_spacing(volume, model, config)
         labels = temporary_labels(volume.shape)
-        preview = _PreviewBuilder(labels, config.preview_scale)
+        preview = PreviewBuilder(labels, config.preview_scale)
         start = time.monotonic()
         last_preview = [start]
 

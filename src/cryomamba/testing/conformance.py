@@ -49,7 +49,7 @@ class ExecutorTests:
 
     def test_result_is_aligned_with_the_source(self, executor, model, volume_source):
         result = executor.submit(volume_source, self.config(model)).result(120)
-        from ..executors.local import open_source
+        from ..sources import open_source
 
         source = open_source(volume_source)
         assert result.labels.shape == source.shape

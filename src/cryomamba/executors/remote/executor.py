@@ -418,7 +418,7 @@ class RemoteExecutor:
 # -- helpers ----------------------------------------------------------------------------------
 def _local_volume(source: Any) -> Volume | None:
     """The source as a local `Volume` (validated: a corrupt file fails here), or None."""
-    from ..local import open_source
+    from ...sources import open_source
 
     if isinstance(source, (ServerPath, UploadedFile)):
         return None
