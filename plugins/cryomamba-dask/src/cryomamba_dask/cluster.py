@@ -168,6 +168,24 @@ def _slurm(workers: int | None, timeout: float) -> Connection:
             "cluster='slurm' needs dask-jobqueue",
             hint="pip install 'dask-jobqueue>=0.9' (or cryomamba-dask[slurm])",
         ) from None
+    import shutil
+
+    import dask
+
+    missing = [k for k in ("cores", "memory") if dask.config.get(f"jobqueue.slurm.{k}") is None]
+    if missing:
+        raise ConfigError(
+            "cluster='slurm' needs "
+            + " and ".join(f"jobqueue.slurm.{k}" for k in missing)
+            + " in Dask's config",
+            hint="set them (and queue, walltime...) in ~/.config/dask/jobqueue.yaml; "
+            "docs/cluster.md has a copy-paste example",
+        )
+    if shutil.which("sbatch") is None:
+        raise ClusterError(
+            "cluster='slurm' needs sbatch, which is not on PATH here",
+            hint="run on a SLURM login node (or a machine that can submit SLURM jobs)",
+        )
     try:
         cluster = SLURMCluster()  # everything from dask config: jobqueue.slurm.*
     except Exception as exc:  # a missing setting, no sbatch on PATH...

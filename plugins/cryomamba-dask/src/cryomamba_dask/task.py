@@ -208,7 +208,11 @@ def _completed(
 ) -> dict[str, Any]:
     result = event.result
     assert result is not None
-    result.provenance["dask"] = {"worker": worker.address, "host": socket.gethostname()}
+    result.provenance["dask"] = {
+        "worker": worker.address,
+        "host": socket.gethostname(),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),  # set when sbatch started the worker
+    }
     formats = tuple(dict.fromkeys(("mrc", "stats", *spec["formats"])))
     paths = result.save(spec["out"], formats)
     return {
