@@ -295,7 +295,7 @@ def test_parts_the_server_lacks_at_complete_are_sent_again(server, token, tmp_pa
         if part_index(request) == 1 and not lost:
             lost.append(1)
             digest = request.headers["X-Part-SHA256"]
-            return httpx.Response(200, json={"index": 1, "sha256": digest, "parts_received": 1})
+            return httpx.Response(200, json={"index": 1, "sha256": digest, "parts_received": [1]})
         return None
 
     ex = Recording(server.url, token, part_size=8 * MiB, rule=rule)

@@ -9,8 +9,10 @@ queue starts a blocker job first and cancels it afterwards, so nothing depends o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,8 +123,6 @@ def held_queue(client) -> Iterator[dict]:
 
 def upload(client, path: Path) -> str:
     """Upload `path` in one part; its file id."""
-    import hashlib
-
     data = path.read_bytes()
     init = client.post(
         "/v1/uploads/init",
@@ -211,3 +211,96 @@ def test_a_symlink_at_submit_is_refused_with_path_not_allowed(alice, root, outsi
         "path_not_allowed",
     )
     assert str(outside) not in str(err)
+
+
+# -- 4. deeply nested JSON -------------------------------------------------------------------
+@pytest.mark.parametrize("route", ["/v1/uploads/init", "/v1/jobs"])
+def test_deeply_nested_json_is_invalid_json_not_a_crash(alice, server, route):
+    for body in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
+        r = alice.post(route, content=body, headers={"Content-Type": "application/json"})
+        err = assert_error(r, 400, "invalid_json")
+        assert err["retryable"] is False
+    assert "RecursionError" not in server.log()
+    assert alice.get("/v1/healthz").status_code == 200  # the connection and server live on
+
+
+# -- 5. a part PUT that arrives after complete ------------------------------------------------
+def test_a_part_that_arrives_after_complete_is_refused(alice, server, outside):
+    data = (outside / "secret.mrc").read_bytes()
+    rec = alice.post(
+        "/v1/uploads/init",
+        json={
+            "filename": "late.mrc",
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+    ).json()
+    uid = rec["upload_id"]
+    assert rec["parts_total"] == 1
+    assert alice.put(f"/v1/uploads/{uid}/part/0", content=data).status_code == 200
+    token = alice.headers["Authorization"]
+    head = (
+        f"PUT /v1/uploads/{uid}/part/0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: {token}\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + data[: len(data) // 2])  # the PUT is under way...
+        time.sleep(0.3)  # ...and its handler has read the upload as open
+        done = alice.post(f"/v1/uploads/{uid}/complete")
+        assert done.status_code == 201, done.text
+        sock.sendall(data[len(data) // 2 :])
+        status, body = read_response(sock)
+    assert status == 409 and b'"upload_not_open"' in body, body
+    assert not (server.data_dir / "uploads" / uid).exists()
+    record = alice.get(f"/v1/uploads/{uid}").json()
+    assert record["state"] == "completed" and record["parts_received"] == [0]
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response with a Content-Length."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, buf
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return int(head.split()[1]), body
+
+
+# -- 6. a sha256 with a trailing newline -----------------------------------------------------
+def test_a_sha256_with_a_trailing_newline_is_refused_at_init(alice):
+    for bad in ("a" * 64 + "\n", "a" * 64 + "\n\n", "\n" + "a" * 64):
+        r = alice.post("/v1/uploads/init", json={"filename": "t.mrc", "size": 10, "sha256": bad})
+        assert_error(r, 422, "invalid_request")
+
+
+# -- issue 8 item 5: parts_received is one shape ----------------------------------------------
+def test_parts_received_is_a_list_of_indices_in_every_answer(alice, outside):
+    data = (outside / "secret.mrc").read_bytes()
+    rec = alice.post(
+        "/v1/uploads/init",
+        json={
+            "filename": "shape.mrc",
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+    ).json()
+    uid = rec["upload_id"]
+    assert rec["parts_received"] == [] and rec["parts_received_count"] == 0
+    put = alice.put(f"/v1/uploads/{uid}/part/0", content=data).json()
+    assert put["parts_received"] == [0] and put["parts_received_count"] == 1
+    status = alice.get(f"/v1/uploads/{uid}").json()
+    assert status["parts_received"] == put["parts_received"]
+    assert alice.post(f"/v1/uploads/{uid}/complete").status_code == 201
+    done = alice.get(f"/v1/uploads/{uid}").json()
+    assert done["state"] == "completed"
+    assert done["parts_received"] == [0] and done["parts_received_count"] == 1

@@ -227,7 +227,7 @@ def service(tmp_path):
     for d in (settings.raw_dir, settings.uploads_dir):
         d.mkdir(parents=True)
     storage = Storage(settings.db_path)
-    yield UploadService(settings, storage), storage
+    yield UploadService(settings, storage).store, storage
     storage.close()
 
 
@@ -261,7 +261,7 @@ def test_clean_spares_a_part_being_recorded(service, monkeypatch):
         record(*args)
 
     monkeypatch.setattr(storage, "add_part", add_part_after_a_clean)
-    up._store_part("u1", 0, bytearray(b"p" * 100), None)
+    up.store_part("u1", 0, bytearray(b"p" * 100), None)
     assert (up.part_dir("u1") / "0.part").read_bytes() == b"p" * 100
     assert list(storage.parts("u1")) == [0]
     up.clean()  # with nothing in progress the part is known and stays
@@ -273,7 +273,7 @@ def test_clean_spares_a_file_being_assembled(service, monkeypatch, mrc_file):
     up, storage = service
     data = mrc_file.read_bytes()
     row = _open_upload(storage, data)
-    up._store_part("u1", 0, bytearray(data), None)
+    up.store_part("u1", 0, bytearray(data), None)
     commit = storage.complete_upload
 
     def complete_after_a_clean(*args):
@@ -281,7 +281,7 @@ def test_clean_spares_a_file_being_assembled(service, monkeypatch, mrc_file):
         commit(*args)
 
     monkeypatch.setattr(storage, "complete_upload", complete_after_a_clean)
-    file_row = up._assemble(storage.upload("u1"))
+    file_row = up.assemble(storage.upload("u1"))
     assert Path(file_row["path"]).read_bytes() == data
     assert storage.upload(row["id"])["state"] == "completed"
     up.clean()
@@ -293,7 +293,7 @@ def test_clean_spares_a_file_being_assembled(service, monkeypatch, mrc_file):
 def test_clean_removes_debris_when_idle(service):
     up, storage = service
     _open_upload(storage, b"p" * 100)
-    up._store_part("u1", 0, bytearray(b"p" * 100), None)
+    up.store_part("u1", 0, bytearray(b"p" * 100), None)
     folder = up.part_dir("u1")
     (folder / "0.part.tmp-1").write_bytes(b"half")
     (folder / "3.part").write_bytes(b"unrecorded")

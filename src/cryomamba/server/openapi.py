@@ -49,6 +49,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 NULLABLE_NUMBER = {"type": "number", "nullable": True}
 NULLABLE_STRING = {"type": "string", "nullable": True}
+PARTS_RECEIVED = {  # the same shape in every answer: the indices the server holds
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0},
+    "description": "indices of the parts the server holds, ascending (all of them once completed)",
+}
 AUTH = [{"bearer": []}]
 
 SCHEMAS: dict[str, Any] = {
@@ -78,6 +83,7 @@ SCHEMAS: dict[str, Any] = {
             "part_size",
             "parts_total",
             "parts_received",
+            "parts_received_count",
             "state",
             "expires_at",
         ],
@@ -88,7 +94,8 @@ SCHEMAS: dict[str, Any] = {
             "sha256": NULLABLE_STRING,
             "part_size": {"type": "integer"},
             "parts_total": {"type": "integer"},
-            "parts_received": {"type": "array", "items": {"type": "integer"}},
+            "parts_received": PARTS_RECEIVED,
+            "parts_received_count": {"type": "integer", "minimum": 0},
             "state": {"type": "string", "enum": ["open", "completed", "rejected", "expired"]},
             "file_id": NULLABLE_STRING,
             "created_at": {"type": "number"},
@@ -97,12 +104,13 @@ SCHEMAS: dict[str, Any] = {
     },
     "PartReceipt": {
         "type": "object",
-        "required": ["index", "size", "sha256", "parts_received"],
+        "required": ["index", "size", "sha256", "parts_received", "parts_received_count"],
         "properties": {
             "index": {"type": "integer"},
             "size": {"type": "integer"},
             "sha256": {"type": "string"},
-            "parts_received": {"type": "integer"},
+            "parts_received": PARTS_RECEIVED,
+            "parts_received_count": {"type": "integer", "minimum": 0},
         },
     },
     "File": {
