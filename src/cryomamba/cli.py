@@ -3,17 +3,20 @@
 Results go to stdout; the progress bar, logs and errors to stderr. An error the user can
 fix (bad file, option, model or output folder) is one `error:` line plus a `hint:` line and
 exit code 2; a job that fails while running exits with 1; Ctrl-C cancels the job cleanly
-and exits with 130. `--debug` adds the traceback.
+and exits with 130. `--debug` adds the traceback. A reader that stops early (`| head`)
+ends the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
-import time
+import os
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +32,8 @@ from rich.text import Text
 
 import cryomamba as cm
 
-from .artifacts import check_output_dir
-from .config import FORMATS
+from .artifacts import check_output_dir, existing_artifacts
+from .config import FORMATS, RESAMPLE_MODES
 
 __all__ = ["EXIT_CANCELED", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -40,7 +43,7 @@ EXIT_FAILED, EXIT_USAGE, EXIT_CANCELED = 1, 2, 130
 # A job that failed because of its input exits like the same error raised before the job.
 _INPUT_CODES = frozenset(
     e.code for e in (cm.InvalidVolumeError, cm.ConfigError, cm.ModelError, cm.OutputError)
-)
+) | {"voxel_size_unknown"}
 
 
 class _UsageError(cm.ConfigError):
@@ -54,12 +57,19 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message, hint=f"see `{self.prog} --help`")
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """Rich would exit with 1; let `main` end quietly instead (`_reader_gone`)."""
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
+
+
 class _UI:
     """Where output goes: results to `out`, progress, logs and errors to `err`."""
 
     def __init__(self, quiet: bool = False) -> None:
-        self.out = Console(highlight=False)
-        self.err = Console(stderr=True, highlight=False)
+        self.out = _Console(highlight=False)
+        self.err = _Console(stderr=True, highlight=False)
         self.quiet = quiet
 
 
@@ -75,6 +85,16 @@ def _shape(text: str) -> tuple[int, ...]:
     if len(values) != 3 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected three positive sizes Z,Y,X, got {text!r}")
     return values
+
+
+def _voxel_size(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected Å like 13.48 or 20,10,10, got {text!r}"
+        ) from None
+    return values if len(values) != 1 else values * 3
 
 
 def _folds(text: str) -> tuple[int, ...] | None:
@@ -112,9 +132,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("--formats", type=_formats, default=FORMATS, help=f"some of {','.join(FORMATS)}")
     add("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     add("--tile-step", type=float, default=0.5, help="tile step, fraction of a tile (0, 1]")
-    add("--tta", dest="mirroring", action="store_true", help="mirroring TTA (8x slower)")
+    add(
+        "--tta",
+        dest="mirroring",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="mirroring test-time augmentation: 8 flips per tile, 8x slower (default: off)",
+    )
     add("--folds", type=_folds, default=None, help="e.g. 0,1 (default: every fold)")
     add("--tile-batch", type=int, default=1, metavar="N", help="tiles per network call")
+    add(
+        "--voxel-size",
+        type=_voxel_size,
+        default=None,
+        metavar="Å",
+        help="the tomogram's real voxel size, e.g. 13.48 or Z,Y,X (default: the header's)",
+    )
+    add(
+        "--resample",
+        choices=RESAMPLE_MODES,
+        default="auto",
+        help="auto: resample to the model's voxel size when it differs (default); off: never",
+    )
+    add("--overwrite", action="store_true", help="replace results already in the output folder")
     add("-q", "--quiet", action="store_true", help="no progress bar or table; print the paths")
 
     add = command("batch", "segment many tomograms (paths, globs, folders) on any executor")
@@ -172,16 +212,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_segment(args: argparse.Namespace, ui: _UI) -> int:
-    fields = ("model", "folds", "tile_step", "mirroring", "device", "tile_batch", "formats")
+    fields = (
+        "model",
+        "folds",
+        "tile_step",
+        "mirroring",
+        "device",
+        "tile_batch",
+        "formats",
+        "voxel_size",
+        "resample",
+    )
     config = cm.JobConfig(**{name: getattr(args, name) for name in fields})
     with cm.Volume.open(args.input) as volume:
+        volume.require_tomogram()
         spec = cm.resolve_model(config.model)
         spec.labels()  # a folder that is no model fails now, not after loading torch
         check_output_dir(args.out)
-        if not volume.voxel_size_known:
+        _check_no_results(args.out, config.formats, args.overwrite)
+        _check_device(config.device)
+        if not volume.voxel_size_known and config.voxel_size is None:
             log.warning("%s has no voxel size; assuming %s Å", args.input, volume.voxel_size)
         _segment_and_save(ui, volume, config, spec.name, args.out)
     return 0
+
+
+def _check_device(name: str) -> None:
+    """A GPU that is asked for must exist: say so now, not once the job has started."""
+    if name.startswith("cuda"):
+        from .engine.device import resolve_device
+
+        resolve_device(name)
+
+
+def _check_no_results(out: Path, formats: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse to replace earlier results unless asked to (before inference, not after)."""
+    found = existing_artifacts(out, formats)
+    if found and not overwrite:
+        raise cm.OutputError(
+            f"{out} already holds results: {', '.join(p.name for p in found)}",
+            hint="pass --overwrite to replace them, or choose another output folder",
+        )
+    if found:
+        log.warning("replacing %s in %s", ", ".join(p.name for p in found), out)
 
 
 def _cmd_batch(args: argparse.Namespace, ui: _UI) -> int:
@@ -191,10 +264,9 @@ def _cmd_batch(args: argparse.Namespace, ui: _UI) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, ui: _UI) -> int:
-    from .serve import run, settings_from_args
+    from .serve import serve
 
-    run(settings_from_args(args))
-    return 0
+    return serve(args)  # JSON log lines, set up by the server itself (no rich handler)
 
 
 def _cmd_token(args: argparse.Namespace, ui: _UI) -> int:
@@ -266,6 +338,7 @@ def _cmd_demo(args: argparse.Namespace, ui: _UI) -> int:
     spec = cm.resolve_model(config.model)
     membrane = next((v for v, n in spec.labels().items() if n == "membrane"), 1)
     check_output_dir(args.out)
+    _check_device(config.device)
     with ui.err.status("synthesising a tomogram…"):
         tomo = _synthesize(args.shape, seed=args.seed, snr=1.0, voxel_size=10.0)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -319,20 +392,16 @@ def _segment_and_save(
     ui: _UI, volume: cm.Volume, config: cm.JobConfig, model: str, out: Path
 ) -> cm.Segmentation:
     """Run the job, write the artifacts into `out`, print what was found and written."""
-    start = time.monotonic()
     result = _run_job(ui, volume, config)
     paths = result.save(out, config.formats)
-    seconds = time.monotonic() - start
     if ui.quiet:
         for path in paths.values():
             ui.out.print(escape(str(path)), soft_wrap=True)
         return result
     shape = " × ".join(map(str, volume.shape))
     source = escape(volume.path.name if volume.path else "the volume")
-    device = result.provenance.get("device", "?")
-    ui.out.print(
-        f"segmented [bold]{source}[/] ({shape}) with {escape(model)} on {device} in {seconds:.1f} s"
-    )
+    ui.out.print(f"segmented [bold]{source}[/] ({shape}) with {escape(model)}")
+    ui.out.print(escape(_job_summary(result.provenance, config)))
     table = Table("label", "name", "voxels", "volume nm³", "surface nm²", "components")
     for e in result.stats["labels"]:
         numbers = (e["voxel_count"], e["volume_nm3"], e["surface_area_nm2"], e["components"])
@@ -344,11 +413,29 @@ def _segment_and_save(
     return result
 
 
+def _job_summary(provenance: dict[str, Any], config: cm.JobConfig) -> str:
+    """How the job ran, from its provenance (the numbers stats.json holds): device,
+    precision, tile step, mirroring (TTA) and seconds, model loading included."""
+    ran = {**config.to_dict(), **provenance.get("config", {})}
+    seconds = provenance.get("seconds")
+    parts = [
+        f"device {provenance.get('device', config.device)}",
+        "fp16" if ran.get("fp16") else "float32",
+        f"tile step {ran.get('tile_step', config.tile_step):g}",
+        f"mirroring (TTA) {'on' if ran.get('mirroring') else 'off'}",
+    ]
+    if isinstance(seconds, (int, float)):
+        parts.append(f"{seconds:.1f} s")
+    return ", ".join(parts)
+
+
 def _synthesize(shape: tuple[int, ...], **kwargs: Any) -> Any:
     from .synth import synthesize
 
     try:
         return synthesize(shape, **kwargs)
+    except cm.CryoMambaError:
+        raise
     except ValueError as exc:
         raise cm.ConfigError(str(exc), hint="see `cryomamba synth --help`") from None
 
@@ -411,6 +498,9 @@ def _report(ui: _UI, exc: BaseException, debug: bool) -> int:
         message, hint = exc.message, exc.hint
         if isinstance(exc, cm.JobFailedError) and exc.code not in _INPUT_CODES:
             code = EXIT_FAILED
+    elif isinstance(exc, MemoryError):
+        message = f"out of memory: {exc}" if str(exc) else "out of memory"
+        hint = "the input or the requested size is too large for this machine's memory"
     elif isinstance(exc, OSError):
         message = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
         hint = "check the path" if isinstance(exc, FileNotFoundError) else ""
@@ -434,8 +524,21 @@ def main(argv: list[str] | None = None) -> int:
         return _report(ui, exc, debug=False)
     ui.quiet = getattr(args, "quiet", False)
     debug = getattr(args, "debug", False)
+    if args.run is _cmd_serve:  # the server logs JSON lines its own way (docs/server.md)
+        return _cmd_serve(args, ui)
     with _logging(getattr(args, "verbose", 0), debug, ui.err):
         try:
             return args.run(args, ui)
+        except BrokenPipeError:
+            return _reader_gone()
         except (Exception, KeyboardInterrupt) as exc:
             return _report(ui, exc, debug)
+
+
+def _reader_gone() -> int:
+    """stdout's reader stopped reading (`cryomamba info x.mrc | head`): end quietly, like
+    `cat`, with nothing more written there (not even at the interpreter's final flush)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0

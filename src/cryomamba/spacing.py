@@ -20,14 +20,23 @@ Imports no torch: the server and CLI can decide (and refuse) before loading anyt
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidVolumeError
 
-__all__ = ["SPACING_TOLERANCE", "SpacingDecision", "decide_spacing", "spacings_match"]
+__all__ = [
+    "SPACING_TOLERANCE",
+    "SpacingDecision",
+    "decide_spacing",
+    "header_trusted",
+    "model_voxel_size",
+    "spacings_match",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +154,18 @@ def _fmt(values: Sequence[float]) -> str:
     if len(set(values)) == 1:
         return f"{values[0]:g}"
     return "×".join(f"{v:g}" for v in values)
+
+
+def model_voxel_size(folder: str | Path) -> tuple[float, float, float] | None:
+    """A trained-model folder's spacing in (z, y, x) from its plans.json, without torch;
+    None when the folder has no readable 3d_fullres spacing."""
+    try:
+        plans = json.loads((Path(folder) / "plans.json").read_text())
+        spacing = [float(v) for v in plans["configurations"]["3d_fullres"]["spacing"]]
+        transpose = [int(v) for v in plans.get("transpose_forward", [0, 1, 2])]
+        zyx = [0.0, 0.0, 0.0]
+        for i, axis in enumerate(transpose):
+            zyx[axis] = spacing[i]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return (zyx[0], zyx[1], zyx[2])

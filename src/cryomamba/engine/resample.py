@@ -26,7 +26,7 @@ docs/engine.md.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ __all__ = ["AxisMap", "LogitsToSource", "ResamplePlan", "ResampledInput"]
 
 _TAP_CUTOFF = 1e-5  # spline weights below this share of a row's largest are dropped
 _MATRIX_BLOCK = 256  # identity columns resampled at a time while building a map
+_DENSE_LIMIT = 4 << 20  # in-plane maps up to this many entries (16 MiB) run as a matmul
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class AxisMap:
     idx: np.ndarray  # int64 (n_out, taps), clipped into [0, n_in)
     w: np.ndarray  # float32 (n_out, taps), 0 past a row's band
     nearest: bool = False
+    _tensors: dict[tuple[str, str], torch.Tensor] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def build(cls, n_in: int, n_out: int, *, order: int = 1, nearest: bool = False) -> AxisMap:
@@ -107,28 +111,60 @@ class AxisMap:
         """Input indices that contribute to some output sample."""
         return np.unique(self.idx[self.w != 0])
 
+    def dense(self) -> np.ndarray:
+        """The map as an (n_out, n_in) float32 matrix."""
+        m = np.zeros((self.n_out, self.n_in), dtype=np.float32)
+        np.add.at(m, (np.arange(self.n_out)[:, None], self.idx), self.w)
+        return m
+
+    def _tensor(self, what: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`idx`, `w` or the dense matrix on `device`, made once per device and dtype."""
+        key = (what, f"{device}/{dtype}")
+        t = self._tensors.get(key)
+        if t is None:
+            if what == "idx":
+                t = torch.from_numpy(self.idx).to(device)
+            else:
+                values = self.dense() if what == "dense" else self.w
+                t = torch.from_numpy(values).to(device=device, dtype=dtype)
+            self._tensors[key] = t
+        return t
+
     def apply(self, t: torch.Tensor, axis: int) -> torch.Tensor:
-        """Resample `t` along `axis` (a new tensor unless the map is the identity)."""
+        """Resample `t` along `axis`, one of its last two (a new tensor unless the identity).
+
+        As one matrix product where the dense matrix is small (one allocation, fast on any
+        device); for very wide planes tap by tap into one buffer.
+        """
         if self.identity:
             return t
-        idx = torch.from_numpy(self.idx).to(t.device)
+        last = axis in (-1, t.ndim - 1)
         if self.nearest:
-            return t.index_select(axis, idx[:, 0])
+            return t.index_select(axis, self._tensor("idx", t.device, t.dtype)[:, 0])
+        if self.n_in * self.n_out <= _DENSE_LIMIT:
+            m = self._tensor("dense", t.device, t.dtype)
+            return torch.matmul(t, m.T) if last else torch.matmul(m, t)
+        idx, w = self._tensor("idx", t.device, t.dtype), self._tensor("w", t.device, t.dtype)
         shape = [1] * t.ndim
         shape[axis] = self.n_out
-        w = torch.from_numpy(self.w).to(device=t.device, dtype=t.dtype)
-        out = t.index_select(axis, idx[:, 0]) * w[:, 0].reshape(shape)
+        out = t.index_select(axis, idx[:, 0])
+        out.mul_(w[:, 0].reshape(shape))
+        tap = torch.empty_like(out)
         for k in range(1, self.taps):
-            out.addcmul_(t.index_select(axis, idx[:, k]), w[:, k].reshape(shape))
+            torch.index_select(t, axis, idx[:, k], out=tap)
+            out.addcmul_(tap, w[:, k].reshape(shape))
         return out
 
     def combine(self, i: int, planes: Callable[[int], torch.Tensor]) -> torch.Tensor:
         """Output sample `i` along the streamed axis, from the input planes it reads."""
         out: torch.Tensor | None = None
         for j, wt in zip(self.idx[i].tolist(), self.w[i].tolist(), strict=True):
-            if wt != 0.0:
-                term = planes(j) * wt
-                out = term if out is None else out.add_(term)
+            if wt == 0.0:
+                continue
+            if out is None:
+                out = planes(j) * wt
+            else:
+                out.add_(planes(j), alpha=wt)
         assert out is not None, "every output sample reads at least one input"
         return out
 
