@@ -35,7 +35,7 @@ def submit(
 
 def segment(
     source: Any,
-    model: str | os.PathLike = "demo-membrane",
+    model: str | os.PathLike[str] = "demo-membrane",
     *,
     executor: Any = "local",
     sinks: Sequence[Any] = (),

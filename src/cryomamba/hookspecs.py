@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .executors.base import Executor
+    from .models import ModelSpec
     from .registry import Registry
+    from .sinks.base import Sink
 
 __all__ = ["hookimpl", "hookspec"]
 
@@ -22,17 +27,18 @@ hookimpl = pluggy.HookimplMarker("cryomamba")
 
 # -- registration: called once, when the plugin manager is first built ----------------------
 @hookspec
-def cryomamba_register_executors(registry: Registry) -> None:
+def cryomamba_register_executors(registry: Registry[Callable[..., Executor]]) -> None:
     """Add executor factories: `registry.add("name", factory)`.
 
     A factory is called with keyword options (e.g. `server=`, `token=` for `remote`) and
-    returns an object with `submit(source, config, sinks) -> Job` and `close()`.
+    returns an object with `submit(source, config, sinks, *, job=None) -> Job` and `close()`
+    (`cryomamba.executors.base.Executor`).
     Called for every plugin; the return value is ignored.
     """
 
 
 @hookspec
-def cryomamba_register_sinks(registry: Registry) -> None:
+def cryomamba_register_sinks(registry: Registry[Callable[..., Sink]]) -> None:
     """Add sink factories: `registry.add("name", factory)`.
 
     A factory returns an object with `handle(event) -> None`, called from a thread of its
@@ -41,7 +47,7 @@ def cryomamba_register_sinks(registry: Registry) -> None:
 
 
 @hookspec
-def cryomamba_register_models(registry: Registry) -> None:
+def cryomamba_register_models(registry: Registry[ModelSpec]) -> None:
     """Add trained models: `registry.add("name", ModelSpec(...))`.
 
     A `ModelSpec` names an nnU-Net v2 trained-model folder. Called for every plugin;

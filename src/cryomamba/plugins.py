@@ -11,12 +11,19 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .executors.base import Executor
+    from .models import ModelSpec
+    from .sinks.base import Sink
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -39,7 +46,7 @@ ENTRY_POINT_GROUP = "cryomamba"
 
 _lock = threading.RLock()
 _pm: pluggy.PluginManager | None = None
-_registries: dict[str, Registry] = {}
+_registries: dict[str, Registry[Any]] = {}
 
 
 def _disabled() -> set[str]:
@@ -76,26 +83,26 @@ def get_plugin_manager() -> pluggy.PluginManager:
         return _pm
 
 
-def _registry(kind: str, hook: str) -> Registry:
+def _registry(kind: str, hook: str) -> Registry[Any]:
     with _lock:
         if kind not in _registries:
-            registry: Registry = Registry(kind)
+            registry: Registry[Any] = Registry(kind)
             getattr(get_plugin_manager().hook, hook)(registry=registry)
             _registries[kind] = registry
         return _registries[kind]
 
 
-def executors() -> Registry:
+def executors() -> Registry[Callable[..., Executor]]:
     """Executor factories by name (`local`, `remote`, and any a plugin adds)."""
     return _registry("executor", "cryomamba_register_executors")
 
 
-def sinks() -> Registry:
+def sinks() -> Registry[Callable[..., Sink]]:
     """Sink factories by name (`callback`, `file`, ...)."""
     return _registry("sink", "cryomamba_register_sinks")
 
 
-def models() -> Registry:
+def models() -> Registry[ModelSpec]:
     """Model specs by name (the bundled `demo-membrane` among them)."""
     return _registry("model", "cryomamba_register_models")
 

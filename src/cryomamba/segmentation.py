@@ -33,7 +33,8 @@ class Segmentation:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.labels.shape)  # type: ignore[return-value]
+        z, y, x = (int(s) for s in self.labels.shape)
+        return (z, y, x)
 
     @property
     def stats(self) -> dict[str, Any]:

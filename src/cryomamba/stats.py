@@ -76,7 +76,7 @@ def check_voxel_size(voxel_size: Sequence[float]) -> tuple[float, float, float]:
         raise ValueError(
             f"voxel_size must be three positive numbers (z, y, x) in Å, got {voxel_size!r}"
         )
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _slabs(nz: int, chunk_planes: int) -> Iterator[tuple[int, int, bool, bool]]:
@@ -154,7 +154,7 @@ def _taubin(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def _surface_area(
-    planes: np.ndarray, lo: int, own: tuple[float, float], nz: int, spacing: tuple
+    planes: np.ndarray, lo: int, own: tuple[float, float], nz: int, spacing: tuple[float, ...]
 ) -> float:
     """Smoothed-mesh area of the triangles owned by one slab (see the module docstring).
 
@@ -187,7 +187,8 @@ def _surface_area(
     verts *= np.asarray(spacing)  # uniform weights: smoothing commutes with this scaling
     step = 1 << 18  # faces per call: bounds the (faces, 3, 3) temporaries to ~20 MB
     return sum(
-        float(mesh_surface_area(verts, owned[i : i + step])) for i in range(0, len(owned), step)
+        (float(mesh_surface_area(verts, owned[i : i + step])) for i in range(0, len(owned), step)),
+        0.0,
     )
 
 

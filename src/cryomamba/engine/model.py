@@ -46,7 +46,8 @@ class TrainedModel:
 
     @property
     def configuration(self) -> dict[str, Any]:
-        return self.plans["configurations"][CONFIGURATION]
+        configuration: dict[str, Any] = self.plans["configurations"][CONFIGURATION]
+        return configuration
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -67,7 +68,7 @@ class TrainedModel:
 
     @property
     def normalization(self) -> str:
-        return self.configuration["normalization_schemes"][0]
+        return str(self.configuration["normalization_schemes"][0])
 
     @property
     def use_mask_for_norm(self) -> bool:
@@ -88,7 +89,8 @@ class TrainedModel:
 
     @property
     def transpose_forward(self) -> tuple[int, int, int]:
-        return tuple(self.plans.get("transpose_forward", [0, 1, 2]))  # type: ignore[return-value]
+        a, b, c = (int(i) for i in self.plans.get("transpose_forward", [0, 1, 2]))
+        return (a, b, c)
 
     def to(self, device: torch.device) -> TrainedModel:
         """Move every fold's network to `device` (in place) and return self."""
@@ -175,7 +177,9 @@ def _read_json(path: Path, name: str) -> dict[str, Any]:
     return data
 
 
-def _check_plans(path: Path, plans: dict, dataset: dict) -> dict:
+def _check_plans(
+    path: Path, plans: dict[str, Any], dataset: dict[str, Any]
+) -> dict[str, Any]:
     config = plans.get("configurations", {}).get(CONFIGURATION)
     if config is None:
         have = ", ".join(plans.get("configurations", {})) or "none"
@@ -198,7 +202,8 @@ def _check_plans(path: Path, plans: dict, dataset: dict) -> dict:
         raise ModelError(f"{path / 'dataset.json'} needs labels with background 0")
     if sorted(plans.get("transpose_forward", [0, 1, 2])) != [0, 1, 2]:
         raise ModelError(f"{path / 'plans.json'}: transpose_forward is not a permutation of 0,1,2")
-    return config
+    checked: dict[str, Any] = config
+    return checked
 
 
 def _find_folds(path: Path, folds: tuple[int, ...] | None, checkpoint: str) -> list[int | str]:
@@ -238,12 +243,12 @@ def _load_checkpoint(file: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _build_network(config: dict, n_classes: int) -> torch.nn.Module:
+def _build_network(config: dict[str, Any], n_classes: int) -> torch.nn.Module:
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     arch = config["architecture"]
     try:
-        return get_network_from_plans(
+        network: torch.nn.Module = get_network_from_plans(
             arch["network_class_name"],
             arch["arch_kwargs"],
             arch["_kw_requires_import"],
@@ -257,3 +262,4 @@ def _build_network(config: dict, n_classes: int) -> torch.nn.Module:
             f"cannot build network {arch.get('network_class_name')!r} from plans.json: {exc}",
             hint="is dynamic_network_architectures up to date?",
         ) from None
+    return network

@@ -8,8 +8,9 @@ by plane-block, so no float copy of the volume is ever made.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,12 +61,15 @@ def scan_intensities(
     """
     step = _planes_per_chunk(data.shape, chunk_bytes)
 
-    def blocks(z_span, region=(), dtype=None):
+    def blocks(
+        z_span: tuple[int, int], region: tuple[slice, ...] = (), dtype: Any = None
+    ) -> Iterator[tuple[np.ndarray[Any, Any], int]]:
         """Blocks of `step` planes; pages released and the cancel flag checked after each."""
         for z0 in range(z_span[0], z_span[1], step):
             if cancel is not None and cancel.is_set():
                 raise Canceled
-            yield np.asarray(data[(slice(z0, min(z0 + step, z_span[1])), *region)], dtype=dtype), z0
+            index = (slice(z0, min(z0 + step, z_span[1])), *region)
+            yield np.asarray(data[index], dtype=dtype), z0
             if release:
                 release(z0, z0 + step)
 
@@ -86,8 +90,7 @@ def scan_intensities(
             hint="replace them (e.g. with the volume's mean) before segmenting; a reconstruction "
             "with NaN usually means a failed alignment or a division by zero upstream",
         )
-    bbox = tuple(_span(a) for a in (z_any, y_any, x_any))
-    (za, zb), (ya, yb), (xa, xb) = bbox
+    (za, zb), (ya, yb), (xa, xb) = bbox = (_span(z_any), _span(y_any), _span(x_any))
     inside = (slice(ya, yb), slice(xa, xb))
     count = (zb - za) * (yb - ya) * (xb - xa)
     total, total_sq = 0.0, 0.0
@@ -108,7 +111,7 @@ def scan_intensities(
     return IntensityScan(
         bbox=bbox,
         mean=mean,
-        std=float(np.sqrt(total_sq / count)),  # type: ignore[arg-type]
+        std=float(np.sqrt(total_sq / count)),
         minimum=lo,
         maximum=hi,
     )

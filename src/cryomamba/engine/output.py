@@ -17,14 +17,14 @@ __all__ = ["release_pages", "temporary_labels"]
 
 
 def temporary_labels(
-    shape: tuple[int, ...], directory: str | os.PathLike | None = None
+    shape: tuple[int, ...], directory: str | os.PathLike[str] | None = None
 ) -> np.memmap:
     """A zero-filled uint8 memmap of `shape` on an anonymous temporary file.
 
     `directory` defaults to $CRYOMAMBA_TMPDIR, then the system temporary folder.
     """
-    directory = directory or os.environ.get("CRYOMAMBA_TMPDIR") or None
-    with tempfile.TemporaryFile(dir=directory) as fh:
+    folder = os.fspath(directory or os.environ.get("CRYOMAMBA_TMPDIR") or "") or None
+    with tempfile.TemporaryFile(dir=folder) as fh:
         size = int(np.prod(shape))
         fh.truncate(max(size, 1))  # sparse: costs no disk until written
         return np.memmap(fh, dtype=np.uint8, mode="r+", shape=tuple(shape))

@@ -223,7 +223,11 @@ class ResamplePlan:
         new = tuple(max(n, 1) for n in new)
 
         def maps(
-            key: str, n_in: Sequence[int], n_out: Sequence[int], cur: tuple, tgt: tuple
+            key: str,
+            n_in: Sequence[int],
+            n_out: Sequence[int],
+            cur: tuple[float, ...],
+            tgt: tuple[float, ...],
         ) -> tuple[tuple[AxisMap, AxisMap, AxisMap], int | None, int]:
             kw = dict(configuration.get(key) or {})
             separate, axis = determine_do_sep_z_and_axis(kw.get("force_separate_z"), cur, tgt)

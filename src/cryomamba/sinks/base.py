@@ -28,7 +28,8 @@ def as_sink(obj: Sink | Callable[[Event], Any] | str) -> Sink:
             factory = plugins.sinks().get(obj)
         except KeyError as exc:
             raise ValueError(str(exc.args[0])) from None
-        return factory()
+        sink: Sink = factory()
+        return sink
     if isinstance(obj, Sink):
         return obj
     if callable(obj):

@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 class FileSink:
     """On `Completed`, save the result's artifacts into `out_dir` (all or nothing)."""
 
-    def __init__(self, out_dir: str | os.PathLike, formats: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike[str], formats: Sequence[str] | None = None
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.formats = tuple(formats) if formats is not None else None
         check_output_dir(self.out_dir)

@@ -14,7 +14,7 @@ __all__ = ["nnunet_predictor"]
 
 
 def nnunet_predictor(
-    model_dir: str | os.PathLike,
+    model_dir: str | os.PathLike[str],
     *,
     folds: Sequence[int] = (0,),
     tile_step: float = 0.5,

@@ -118,7 +118,9 @@ class HttpSession:
 
     def delay(self, attempt: int) -> float:
         """Exponential backoff with jitter, capped at 30 s."""
-        return min(self.backoff_s * 2**attempt, _MAX_DELAY_S) + random.uniform(0, self.backoff_s)
+        return float(min(self.backoff_s * 2**attempt, _MAX_DELAY_S)) + random.uniform(
+            0, self.backoff_s
+        )
 
     def request(
         self,
@@ -208,7 +210,7 @@ def _error_from(resp: Any) -> RemoteError:
     )
 
 
-def _error_from_body(status: int, body: bytes | None, what: str) -> RemoteError:
+def _error_from_body(status: int, body: bytes | bytearray | None, what: str) -> RemoteError:
     try:
         error = json.loads(body or b"").get("error")
     except (ValueError, AttributeError):

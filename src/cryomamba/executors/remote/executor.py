@@ -46,9 +46,10 @@ from ...errors import ConfigError, CryoMambaError, InvalidVolumeError
 from ...events import Canceled, Completed
 from ...hookspecs import hookimpl
 from ...job import Job, JobState
+from ...registry import Registry
 from ...segmentation import Segmentation
 from ...volume import Volume
-from ..base import failure, is_bug, job_for
+from ..base import Executor, failure, is_bug, job_for
 from ._follow import Follower
 from ._http import (
     _BLOCK,
@@ -432,7 +433,7 @@ def _local_volume(source: Any) -> Volume | None:
 
 
 @hookimpl
-def cryomamba_register_executors(registry) -> None:
+def cryomamba_register_executors(registry: Registry[Callable[..., Executor]]) -> None:
     # an executor whose packages are missing is simply not offered
     if all(importlib.util.find_spec(m) is not None for m in ("httpx", "websockets")):
         registry.add("remote", RemoteExecutor)
