@@ -424,3 +424,29 @@ def test_closing_the_viewer_cancels_the_job(qtbot, make_napari_viewer, big_tomo_
     viewer.close()
     qtbot.waitUntil(lambda: job.done, timeout=WAIT_MS)
     assert job.state == cm.JobState.CANCELED
+
+
+# -- voxel sizes -----------------------------------------------------------------------------------
+def test_shows_both_voxel_sizes_and_takes_an_override(viewer, tiny_model, tmp_path):
+    import mrcfile
+    from conftest import REAL_MRC
+
+    open_tomo(viewer, REAL_MRC / "chlamy_hsp60_relion_ispg0.mrc")  # 7.84 Å
+    widget = add_widget(viewer)
+    choose_model(widget, tiny_model)  # trained at 10 Å
+    assert widget.spacing_label.text() == (
+        "tomogram 7.84 Å · model 10 Å: resampled to the model's and back"
+    )
+    assert widget.config().voxel_size is None
+    widget.voxel_size.setValue(10.0)
+    assert widget.spacing_label.text().endswith("10 Å (set here) · model 10 Å: no resampling")
+    assert widget.config().voxel_size == (10.0, 10.0, 10.0)
+    widget.voxel_size.setValue(0.0)  # back to the header's
+    path = tmp_path / "no_voxel_size.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32))
+        mrc.voxel_size = 0.0
+    open_tomo(viewer, path)
+    widget.layer_combo.setCurrentIndex(widget.layer_combo.count() - 1)  # the new layer
+    assert "unknown (header 0 or 1 Å)" in widget.spacing_label.text()
+    assert widget.spacing_label.text().endswith("set the voxel size, or the job is refused")

@@ -10,6 +10,7 @@ is not used: it swaps the process-wide `warnings` hooks while it runs.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -41,6 +42,7 @@ from qtpy.QtWidgets import (
 )
 
 import cryomamba as cm
+from cryomamba.spacing import header_trusted, model_voxel_size, spacings_match
 
 from ._connection import describe_server, fetch_server_info
 from ._stats_table import StatsTable
@@ -79,6 +81,37 @@ def job_source(layer: Image) -> Any:
         voxel_size=tuple(float(s) for s in layer.scale),
         origin=tuple(float(t) for t in layer.translate),
     )
+
+
+def describe_spacing(
+    layer: Image | None, model: tuple[float, float, float] | None, override: float | None
+) -> str:
+    """'tomogram 7.84 Å · model 10 Å: resampled to the model's', for the spacing row."""
+    if layer is None:
+        return ""
+    meta = layer.metadata if isinstance(layer.metadata, dict) else {}
+    image = tuple(float(v) for v in meta.get("voxel_size", layer.scale))
+    trusted = header_trusted(image, bool(meta.get("voxel_size_known", True)))
+    if override:
+        tomo, used = f"{override:g} Å (set here)", (override,) * 3
+    elif trusted:
+        tomo, used = f"{_angstrom(image)} Å", image
+    else:
+        tomo, used = "unknown (header 0 or 1 Å)", None
+    text = f"tomogram {tomo} · model {_angstrom(model) + ' Å' if model else '?'}"
+    if model is None:
+        return text
+    if used is None:
+        if meta.get("path"):
+            return f"{text}: set the voxel size, or the job is refused"
+        return f"{text}: taken to be at the model's"
+    if spacings_match(used, model):
+        return f"{text}: no resampling"
+    return f"{text}: resampled to the model's and back"
+
+
+def _angstrom(values: Sequence[float]) -> str:
+    return f"{values[0]:g}" if len(set(values)) == 1 else "×".join(f"{v:g}" for v in values)
 
 
 def format_eta(seconds: float | None) -> str:
@@ -180,6 +213,18 @@ class CryoMambaWidget(QWidget):
         self.preview_interval.setSingleStep(0.5)
         self.preview_interval.setValue(1.0)
         self.preview_interval.setSuffix(" s")
+        self.voxel_size = QDoubleSpinBox()
+        self.voxel_size.setRange(0.0, 1000.0)
+        self.voxel_size.setDecimals(3)
+        self.voxel_size.setSingleStep(0.1)
+        self.voxel_size.setSuffix(" Å")
+        self.voxel_size.setSpecialValueText("from the image")  # shown at 0: no override
+        self.voxel_size.setToolTip(
+            "the tomogram's real voxel size, when its header is wrong (0, 1 Å or missing); "
+            "the job resamples to the model's voxel size from it"
+        )
+        self.spacing_label = QLabel("")
+        self.spacing_label.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Image", self.layer_combo)
@@ -190,6 +235,8 @@ class CryoMambaWidget(QWidget):
         form.addRow("", self.tta_check)
         form.addRow("Device", self.device_combo)
         form.addRow("Preview every", self.preview_interval)
+        form.addRow("Voxel size", self.voxel_size)
+        form.addRow("", self.spacing_label)
 
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
@@ -230,6 +277,9 @@ class CryoMambaWidget(QWidget):
         self.model_browse.clicked.connect(self._browse_model)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.layer_combo.currentIndexChanged.connect(self._update_spacing)
+        self.model_combo.currentTextChanged.connect(self._update_spacing)
+        self.voxel_size.valueChanged.connect(self._update_spacing)
 
     # -- image layers -------------------------------------------------------------------------
     def _on_layers_changed(self, event=None) -> None:
@@ -249,6 +299,16 @@ class CryoMambaWidget(QWidget):
         elif images:  # the newest image is the likely one
             self.layer_combo.setCurrentIndex(len(images) - 1)
         self.layer_combo.blockSignals(False)
+        self._update_spacing()
+
+    def _update_spacing(self, *_: Any) -> None:
+        """Show the tomogram's and the model's voxel sizes, and what the job will do."""
+        model = None
+        if self.mode != SERVER:
+            with contextlib.suppress(Exception):  # an unknown name or folder: shown as "?"
+                model = model_voxel_size(cm.resolve_model(self.model_combo.currentText()).path)
+        override = self.voxel_size.value() or None
+        self.spacing_label.setText(describe_spacing(self.selected_layer(), model, override))
 
     def selected_layer(self) -> Image | None:
         layer = self.layer_combo.currentData()
@@ -309,6 +369,7 @@ class CryoMambaWidget(QWidget):
             mirroring=self.tta_check.isChecked(),
             device=self.device_combo.currentText() or "auto",
             preview_interval_s=self.preview_interval.value(),
+            voxel_size=self.voxel_size.value() or None,
             # the server writes these for the download; exports are saved here, on demand
             formats=("mrc", "stats") if remote else (),
         )
