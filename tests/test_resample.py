@@ -350,3 +350,43 @@ def test_cli_refuses_an_untrusted_header_and_takes_voxel_size(capsys, tmp_path, 
         assert mask.data.shape == volume.shape
         assert float(mask.voxel_size.x) == pytest.approx(13.48)
     assert main([*argv, "--resample", "sometimes"]) == EXIT_USAGE
+
+
+# -- the server's job record ---------------------------------------------------------------------
+def test_server_job_record_carries_both_voxel_sizes(tmp_path, tiny_model, noise_volume):
+    from cryomamba.server.runner import JobRunner
+    from cryomamba.server.storage import Storage, new_id
+
+    path = write(tmp_path / "tomo.mrc", noise_volume, 13.5)
+    row = {
+        "id": new_id(),
+        "owner": "alice",
+        "state": "queued",
+        "device": None,
+        "created_at": 0.0,
+        "started_at": None,
+        "finished_at": None,
+        "source": {"path": str(path), "filename": path.name},
+        "config": cm.JobConfig(model=str(tiny_model), formats=("stats",)).to_dict(),
+        "model": {"name": str(tiny_model)},
+        "progress": None,
+        "error": None,
+        "artifacts": None,
+    }
+    storage = Storage(tmp_path / "db.sqlite3")
+    runner = JobRunner(storage, tmp_path / "artifacts", ("cpu",), per_device=1)
+    runner.start()
+    try:
+        events = list(runner.enqueue(row).events(timeout=120))
+        assert isinstance(events[-1], cm.Completed), events[-1]
+        spacing = storage.job(row["id"])["source"]["spacing"]
+    finally:
+        runner.stop()
+        storage.close()
+    assert spacing == {
+        "voxel_size": [13.5, 13.5, 13.5],
+        "source": "header",
+        "header_voxel_size": [13.5, 13.5, 13.5],
+        "model_voxel_size": [10.0, 10.0, 10.0],
+        "resampled": True,
+    }

@@ -260,6 +260,8 @@ class JobRunner:
         source = row["source"]
         if source.get("sha256") is None:  # a server path: the engine hashed it for provenance
             source = {**source, "sha256": result.provenance.get("source", {}).get("sha256")}
+        # the voxel sizes it ran at (the tomogram's, the model's) and whether it resampled
+        source = {**source, "spacing": result.provenance.get("spacing")}
         self.storage.update_job(
             job_id,
             state=JobState.COMPLETED,
