@@ -69,6 +69,13 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     opt("models", "", "comma-separated model names to offer (default: every installed model)")
     opt("devices", "", "comma-separated devices, e.g. cuda:0,cuda:1 (default: all GPUs, or cpu)")
     opt("jobs-per-device", "1", "jobs running at once on each device", type=int)
+    opt("executor", "local", "what runs the jobs: local (in this process) or dask (a cluster)")
+    opt(
+        "cluster",
+        None,
+        "with --executor dask: a scheduler address (tcp://host:8786) or slurm "
+        "(default: a LocalCluster on this machine)",
+    )
     opt("part-size", "16M", "default upload part size (8M..32M)", type=_size)
     opt("max-upload-size", "64G", "largest file an upload may announce", type=_size)
     opt("upload-ttl", "24h", "an upload with no activity for this long expires", type=_duration)
@@ -113,6 +120,8 @@ def settings_from_args(args: argparse.Namespace):
         models=split(args.models),
         devices=split(args.devices),
         jobs_per_device=int(args.jobs_per_device),
+        executor=args.executor,
+        cluster=args.cluster or None,
         part_size=typed(args.part_size, _size),
         max_upload_bytes=typed(args.max_upload_size, _size),
         upload_ttl_s=typed(args.upload_ttl, _duration),

@@ -55,6 +55,7 @@ class ServerState:
             per_device=settings.jobs_per_device,
             metrics=self.metrics,
             executor=settings.executor,
+            executor_options=_executor_options(settings),
         )
 
     def model_names(self) -> list[str]:
@@ -215,3 +216,11 @@ async def _clean_periodically(server: ServerState) -> None:
             await anyio.to_thread.run_sync(server.uploads.clean)
         except Exception:
             log.exception("periodic clean-up failed")
+
+
+def _executor_options(settings: ServerSettings) -> dict[str, Any]:
+    """The executor factory's options: a dask back end gets its cluster, and its workers write
+    artifacts straight into the artifacts folder (which must be on storage they share)."""
+    if settings.executor != "dask":
+        return {}
+    return {"cluster": settings.cluster, "out": settings.artifacts_dir}

@@ -81,6 +81,9 @@ class JobRunner:
             options.setdefault("max_workers", len(devices) * per_device)
         self.executor_name = executor
         self.executor: Executor = make_executor(executor, **options)
+        slots = getattr(self.executor, "slots", None)
+        if executor != "local" and callable(slots):  # a cluster: its workers pick devices
+            self.devices, self.per_device = ("auto",), max(per_device, int(slots()))
 
     # -- lifecycle --------------------------------------------------------------------------
     def recover(self, on_restart: str) -> dict[str, int]:

@@ -28,6 +28,7 @@ class ServerSettings:
     devices: tuple[str, ...] = ()  # e.g. ("cuda:0", "cuda:1"); empty = one, auto-detected
     jobs_per_device: int = 1
     executor: str = "local"  # the back end that runs jobs, by its name in the executor registry
+    cluster: str | None = None  # executor "dask": scheduler address or "slurm"; None: LocalCluster
     part_size: int = 16 * MiB
     part_size_min: int = 8 * MiB
     part_size_max: int = 32 * MiB
@@ -53,6 +54,11 @@ class ServerSettings:
             raise ConfigError(
                 f"part size {self.part_size} is outside {self.part_size_min}..{self.part_size_max}",
                 hint="choose a part size between 8 and 32 MiB",
+            )
+        if self.cluster is not None and self.executor != "dask":
+            raise ConfigError(
+                f"--cluster is for --executor dask (the executor is {self.executor!r})",
+                hint="add --executor dask, or drop --cluster",
             )
         for name in ("jobs_per_device", "upload_concurrency", "rate_limit_per_min"):
             if getattr(self, name) < 1:

@@ -69,6 +69,7 @@ class _Run:
     seen: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
     names: tuple[str, str] = ("", "")  # the Dask Variable (runs) and Event (cancel)
+    source: str | None = None  # the source's path, when it is a file
 
 
 class DaskExecutor:
@@ -130,6 +131,7 @@ class DaskExecutor:
         out = files[0].out_dir if files else self.out / job.id
         formats = tuple(files[0].formats or config.formats) if files else config.formats
         run = _Run(job=job, out=Path(out).absolute())
+        run.source = payload if isinstance(payload, str) else None
         run.names = (f"cryomamba-runs-{job.id}", f"cryomamba-cancel-{job.id}")
         holder.append(run)
         with self._lock:
@@ -189,6 +191,12 @@ class DaskExecutor:
         if self._own_out:
             shutil.rmtree(self.out, ignore_errors=True)
 
+    def slots(self) -> int:
+        """Jobs the cluster can run at once now: its GPUs, else its workers' task slots."""
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {}).values()
+        gpus = sum(int((w.get("resources") or {}).get("GPU", 0)) for w in workers)
+        return gpus or sum(int(w.get("nthreads", 1)) for w in workers)
+
     def worker_of(self, job: Job) -> dict[str, Any]:
         """Where a started job runs: `{"worker": address, "pid": ..., "run": n}` ({} if queued)."""
         run = self._runs.get(job.id)
@@ -198,7 +206,7 @@ class DaskExecutor:
     def _source(self, source: Any) -> tuple[Any, dict[str, Any]]:
         """What goes to the worker: a path (str) or an array, and the array's geometry."""
         if isinstance(source, Volume) and source.path is not None:
-            return str(Path(source.path).absolute()), {}
+            return _shared_path(Path(source.path))
         if isinstance(source, (str, os.PathLike)):
             return str(Path(source).absolute()), {}
         if isinstance(source, (np.ndarray, Volume)):
@@ -304,6 +312,7 @@ class DaskExecutor:
             origin=tuple(outcome["origin"]),  # type: ignore[arg-type]
             label_names=dict(outcome["label_names"]),
             provenance=outcome["provenance"],
+            image=_image(run.source),
             header=mask.header,
             artifacts=artifacts,
             _stats=outcome.get("stats"),
@@ -337,6 +346,26 @@ class DaskExecutor:
             Event(run.names[1], client=self.client).clear()
         except Exception as exc:  # the scheduler may be gone; nothing to free then
             log.debug("job %s: could not free its Dask names: %s", run.job.id, exc)
+
+
+def _shared_path(path: Path) -> tuple[str, dict[str, Any]]:
+    """The path a worker opens. A volume read through an open descriptor (the server opens
+    job files that way, so a swapped link cannot redirect it) goes by the file's real path,
+    with its size and mtime for the worker to check that it still is the same file."""
+    if path.parent == Path("/proc/self/fd"):
+        st = os.stat(path)
+        return os.readlink(path), {"expect": [st.st_size, st.st_mtime_ns]}
+    return str(path.absolute()), {}
+
+
+def _image(path: str | None) -> Any:
+    """The source, memory-mapped, when this machine can read it (for overview.png on save)."""
+    if path is None:
+        return None
+    try:
+        return Volume.open(path).data
+    except Exception:  # on a cluster the client may not see the workers' storage
+        return None
 
 
 def _clean_partial(out: Path) -> None:

@@ -128,6 +128,8 @@ def _open(source: Any, spec: dict[str, Any], worker: Any) -> Any:
 
     if isinstance(source, str):
         try:
+            if spec.get("expect") is not None:
+                _check_same_file(source, spec["expect"])
             return Volume.open(source)
         except CryoMambaError:
             raise
@@ -135,6 +137,17 @@ def _open(source: Any, spec: dict[str, Any], worker: Any) -> Any:
             reason = exc.strerror or str(exc)
             raise _WorkerIOError(f"{_where(worker)} cannot read {source}: {reason}") from None
     return Volume.from_array(source, voxel_size=spec["voxel_size"], origin=spec["origin"])
+
+
+def _check_same_file(path: str, expect: list[int]) -> None:
+    """The file the client checked (size, mtime) is still the one at `path`."""
+    st = os.stat(path)
+    if [st.st_size, st.st_mtime_ns] != list(expect):
+        raise CryoMambaError(
+            "the job's file changed after it was checked",
+            hint="submit the job again",
+            code="path_not_allowed",
+        )
 
 
 class _WorkerIOError(CryoMambaError):
