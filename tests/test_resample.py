@@ -390,3 +390,26 @@ def test_server_job_record_carries_both_voxel_sizes(tmp_path, tiny_model, noise_
         "model_voxel_size": [10.0, 10.0, 10.0],
         "resampled": True,
     }
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, 0.05, 2e4, "13", True, [13.0], [1, 2]])
+def test_voxel_size_override_is_validated(bad):
+    with pytest.raises(cm.ConfigError, match="voxel_size must be") as info:
+        cm.JobConfig(voxel_size=bad)
+    assert "13.48" in info.value.hint
+    with pytest.raises(cm.ConfigError, match="resample must be one of auto, off"):
+        cm.JobConfig(resample="on")
+    config = cm.JobConfig(voxel_size=[20, 10.5, 10.5], resample="off")
+    assert config.voxel_size == (20.0, 10.5, 10.5)
+    assert cm.JobConfig.from_json(config.to_json()) == config
+
+
+def test_resampling_further_than_eight_times_is_refused():
+    with pytest.raises(cm.InvalidVolumeError, match="at most 8× per axis") as info:
+        decide_spacing(
+            voxel_size=(1.2,) * 3,
+            voxel_size_known=True,
+            from_file=True,
+            model_voxel_size=(10.0,) * 3,
+        )
+    assert "bin" in info.value.hint

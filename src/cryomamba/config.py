@@ -36,6 +36,7 @@ ARTIFACT_MEDIA_TYPES: dict[str, str] = {
 FORMATS: tuple[str, ...] = tuple(ARTIFACT_FILES)  # mrc, nifti, nrrd, stats, png
 _CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 RESAMPLE_MODES: tuple[str, ...] = ("auto", "off")
+VOXEL_SIZE_RANGE = (0.1, 10_000.0)  # Å: an override outside this is a typo, not a tomogram
 
 
 @dataclass(frozen=True)
@@ -180,17 +181,18 @@ class JobConfig:
 
 
 def _voxel_size(value: object) -> tuple[float, float, float]:
-    """A voxel size override as three positive finite floats (z, y, x) in Å, or ConfigError."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if len(values) == 1:
-        values *= 3
-    if len(values) != 3 or not all(_is_number(v) and v > 0 for v in values):
+    """A voxel size override as three floats (z, y, x) in Å within `VOXEL_SIZE_RANGE`, or
+    ConfigError. One number means the same on every axis; a list must hold three."""
+    values: list[Any] = list(value) if isinstance(value, (list, tuple)) else [value] * 3
+    lo, hi = VOXEL_SIZE_RANGE
+    if len(values) != 3 or not all(_is_number(v) and lo <= v <= hi for v in values):
         raise ConfigError(
-            f"voxel_size must be a positive number or three (z, y, x), in Å, got {value!r}",
+            f"voxel_size must be a number or three (z, y, x), in Å from {lo:g} to {hi:g}, "
+            f"got {value!r}",
             hint="e.g. voxel_size=13.48, or [20.0, 10.0, 10.0] for anisotropic voxels; leave it "
             "unset to use the file's header",
         )
-    return (float(values[0]), float(values[1]), float(values[2]))  # type: ignore[arg-type]
+    return (float(values[0]), float(values[1]), float(values[2]))
 
 
 def _is_number(value: object) -> bool:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 SPACING_TOLERANCE = 0.01
 """Relative difference per axis within which a tomogram counts as at the model's spacing."""
 _WARN_RATIO = 0.25  # resample="off": warn when an axis is off by more than this
+MAX_RESAMPLE_FACTOR = 8.0  # per axis, either way: beyond it, bin the tomogram first
 
 
 def spacings_match(
@@ -131,6 +132,14 @@ def decide_spacing(
             _fmt(model),
         )
     differs = not spacings_match(used, model)
+    factor = max(max(u / m, m / u) for u, m in zip(used, model, strict=True))
+    if resample == "auto" and differs and factor > MAX_RESAMPLE_FACTOR:
+        raise InvalidVolumeError(
+            f"{name}: voxel size {_fmt(used)} Å is {factor:.3g}× from the model's "
+            f"{_fmt(model)} Å; CryoMamba resamples by at most {MAX_RESAMPLE_FACTOR:g}× per axis",
+            hint="bin (or upsample) the tomogram towards the model's voxel size first, check "
+            "voxel_size for a typo (Å, not nm), or choose a model trained nearer this voxel size",
+        )
     if resample == "off" and any(
         abs(u / m - 1.0) > _WARN_RATIO for u, m in zip(used, model, strict=True)
     ):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._version import __version__
-from ..config import ARTIFACT_MEDIA_TYPES, FORMATS
+from ..config import ARTIFACT_MEDIA_TYPES, FORMATS, VOXEL_SIZE_RANGE
 
 __all__ = ["openapi_document"]
 
@@ -274,6 +274,8 @@ def _job_config_schema(models: Sequence[str], devices: Sequence[str]) -> dict[st
     device: dict[str, Any] = {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]+)?)$"}
     if devices:
         device = {"type": "string", "enum": ["auto", *devices]}
+    lo, hi = VOXEL_SIZE_RANGE
+    voxel = {"type": "number", "minimum": lo, "maximum": hi}
     return {
         "type": "object",
         "description": "cryomamba.JobConfig as JSON; every key is optional",
@@ -299,6 +301,15 @@ def _job_config_schema(models: Sequence[str], devices: Sequence[str]) -> dict[st
             "preview_interval_s": {"type": "number", "minimum": 0},
             "preview_scale": {"type": "integer", "minimum": 1, "maximum": 8},
             "formats": {"type": "array", "items": {"type": "string", "enum": list(FORMATS)}},
+            "resample": {"type": "string", "enum": ["auto", "off"]},
+            "voxel_size": {
+                "description": "Å, overrides the file's header: one number or [z, y, x]",
+                "nullable": True,
+                "oneOf": [
+                    voxel,
+                    {"type": "array", "items": voxel, "minItems": 3, "maxItems": 3},
+                ],
+            },
         },
     }
 
