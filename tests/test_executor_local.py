@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cryomamba import JobConfig, Volume
+from cryomamba.events import Failed
 from cryomamba.executors.local import LocalExecutor
 from cryomamba.testing import ExecutorTests
 
@@ -59,14 +60,21 @@ def test_bad_source_and_unavailable_device_fail_as_events(tiny_model, tmp_path):
         assert job.wait(30)
         assert job.terminal_event.code == "invalid_volume"
         assert "not an MRC file" in job.terminal_event.message
-        import torch
+    finally:
+        ex.close()
 
-        if not torch.cuda.is_available():
-            job = ex.submit(bad, JobConfig(model=str(tiny_model), device="cuda:0"))
-            assert job.wait(30)
-            # the volume is checked first, so the clearer error wins; a good volume gets the
-            # device error
-            assert job.terminal_event.code in ("invalid_volume", "invalid_config")
+
+def test_a_device_that_is_not_there_fails_as_an_event(tiny_model, noise_volume):
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+    ex = LocalExecutor()
+    try:  # a good volume, so the job gets as far as choosing its device
+        job = ex.submit(noise_volume, JobConfig(model=str(tiny_model), device=missing))
+        assert job.wait(30)
+        failed = job.terminal_event
+        assert isinstance(failed, Failed) and failed.code == "invalid_config", failed
+        assert missing in failed.message and failed.hint
     finally:
         ex.close()
 

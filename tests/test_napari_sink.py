@@ -66,9 +66,24 @@ def layer_names(viewer) -> list[str]:
 class TestNapariSinkConformance(SinkTests):
     @pytest.fixture
     def sink(self, viewer, qtbot):
+        self.viewer, self.qtbot = viewer, qtbot
         sink = NapariSink(viewer, throttle_s=0)
         yield sink
         settle(qtbot, sink)
+
+    def assert_handled(self, sink, event):
+        settle(self.qtbot, sink)
+        names = [layer.name for layer in self.viewer.layers]
+        if isinstance(event, Preview):  # a preview layer, at the preview's resolution
+            assert names == [sink.preview_name]
+            assert self.viewer.layers[0].data.shape == event.labels.shape
+        elif isinstance(event, Completed):  # the mask replaces the preview
+            assert names == [sink.mask_name]
+            np.testing.assert_array_equal(self.viewer.layers[0].data, event.result.labels)
+        elif isinstance(event, (Failed, Canceled)):  # the preview goes, no mask comes
+            assert names == []
+        else:  # progress changes no layer
+            assert names == []
 
     @pytest.fixture
     def result(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -40,8 +41,12 @@ EXPECTED = {
 
 def test_all_is_exactly_the_documented_api():
     assert set(cryomamba.__all__) == EXPECTED
-    for name in cryomamba.__all__:
-        assert getattr(cryomamba, name) is not None
+    for name in EXPECTED - {"__version__", "hookimpl", "sinks"}:
+        obj = getattr(cryomamba, name)  # raises if __all__ names something that is not there
+        assert obj.__module__.startswith("cryomamba."), f"{name} comes from {obj.__module__}"
+        assert inspect.getdoc(obj), f"cryomamba.{name} has no docstring"
+    assert isinstance(cryomamba.__version__, str) and cryomamba.__version__[0].isdigit()
+    assert cryomamba.hookimpl.project_name == "cryomamba"
 
 
 def test_sinks_namespace():
