@@ -41,6 +41,7 @@ import numpy as np
 from ._version import __version__
 from .config import ARTIFACT_FILES
 from .errors import InvalidVolumeError, OutputError
+from .mrc_write import write_mrc_volume
 from .preview import check_label_array
 from .stats import check_voxel_size, label_stats
 
@@ -115,40 +116,27 @@ def write_mrc(
 ) -> Path:
     """Write labels as MRC (mode 0, or 6 above 127) with the source's voxel size and origin.
 
-    Written in z-chunks into a memory-mapped file, header stats computed on the way.
+    Written by `write_mrc_volume`: in z-chunks, header stats computed on the way.
     """
-    import mrcfile
-
     check_label_array(labels)
     vs = check_voxel_size(voxel_size)
     if origin is None and header_like is not None:
         o = header_like.origin
         origin = (float(o.z), float(o.y), float(o.x))
     org = _origin3(origin)
-    lo, hi = _label_range(labels)
-    mode, dtype = (0, np.int8) if hi <= 127 else (6, np.uint16)
-    n = math.prod(labels.shape)
-    total, total_sq = 0, 0
-    with mrcfile.new_mmap(path, shape=tuple(labels.shape), mrc_mode=mode, overwrite=True) as mrc:
-        for z0 in range(0, labels.shape[0], _CHUNK_PLANES):
-            block = np.asarray(labels[z0 : z0 + _CHUNK_PLANES]).astype(dtype, copy=False)
-            mrc.data[z0 : z0 + block.shape[0]] = block
-            wide = block.astype(np.int64).ravel()
-            total, total_sq = total + int(wide.sum()), total_sq + int(wide @ wide)
-        mrc.voxel_size = (vs[2], vs[1], vs[0])
-        mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = org[2], org[1], org[0]
-        if header_like is not None:
-            for field in ("nxstart", "nystart", "nzstart"):
-                mrc.header[field] = header_like[field]
-        if n:
-            mean = total / n
-            mrc.header.dmin, mrc.header.dmax = lo, hi
-            mrc.header.dmean = np.float32(mean)
-            mrc.header.rms = np.float32(math.sqrt(max(total_sq / n - mean * mean, 0.0)))
-        else:
-            mrc.reset_header_stats()
-        mrc.add_label(f"cryomamba {__version__}: segmentation mask, labels 0..{hi}"[:80])
-    return Path(path)
+    hi = _label_range(labels)[1]
+    nstart = None
+    if header_like is not None:
+        nstart = tuple(int(header_like[f]) for f in ("nzstart", "nystart", "nxstart"))
+    return write_mrc_volume(
+        path,
+        labels,
+        dtype=np.int8 if hi <= 127 else np.uint16,  # mode 0, or 6 above 127
+        voxel_size=vs,
+        origin=org,
+        nstart=nstart,
+        label=f"cryomamba {__version__}: segmentation mask, labels 0..{hi}",
+    )
 
 
 def _affine_micron(vs: tuple[float, ...], org: tuple[float, ...]) -> np.ndarray:

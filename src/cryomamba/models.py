@@ -88,6 +88,7 @@ def cryomamba_register_models(registry) -> None:
 
 
 def available_models() -> list[ModelSpec]:
+    """Every registered model (the bundled demo, $CRYOMAMBA_MODELS_DIR's, plugins'), by name."""
     from . import plugins
 
     registry = plugins.models()
@@ -110,7 +111,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
         return spec
     path = Path(name).expanduser()
     if path.is_dir():
-    """Every registered model (the bundled demo, $CRYOMAMBA_MODELS_DIR's, plugins'), by name."""
         return ModelSpec(path.name, path.resolve(), f"folder {path}")
     raise ModelError(
         f"unknown model {name!r}",

@@ -360,21 +360,25 @@ def write_mrc(
     ``labels=True`` writes them next to the volume as ``<stem>_labels.mrc``; a path writes them
     there. Returns (volume path, labels path or None).
     """
-    import mrcfile
+    from .mrc_write import write_mrc_volume
 
     path = Path(path)
     # a fixed label instead of mrcfile's time stamp: the same seed gives the same bytes
-    label = f"cryomamba.synth seed={tomo.seed}".encode()
-    with mrcfile.new(path, overwrite=overwrite) as mrc:
-        mrc.set_data(tomo.volume.astype(np.float32, copy=False))
-        mrc.voxel_size = tomo.voxel_size
-        mrc.header.label[0] = label
+    label = f"cryomamba.synth seed={tomo.seed}"
+    voxel_size = (tomo.voxel_size,) * 3
     labels_path: Path | None = None
     if labels is not False:
         labels_path = path.with_name(f"{path.stem}_labels.mrc") if labels is True else Path(labels)
-        with mrcfile.new(labels_path, overwrite=overwrite) as mrc:
-            # Mode 0 (int8): uint8 would be widened to mode 6 (uint16) by mrcfile.
-            mrc.set_data(tomo.labels.astype(np.int8))
-            mrc.voxel_size = tomo.voxel_size
-            mrc.header.label[0] = label + b" labels"
+    for target in (path, labels_path):
+        if target is not None and target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists (pass overwrite=True to replace it)")
+    write_mrc_volume(path, tomo.volume, dtype=np.float32, voxel_size=voxel_size, label=label)
+    if labels_path is not None:  # mode 0 (int8): labels are small
+        write_mrc_volume(
+            labels_path,
+            tomo.labels,
+            dtype=np.int8,
+            voxel_size=voxel_size,
+            label=f"{label} labels",
+        )
     return path, labels_path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ...mrc_write import MRC_MODES, write_mrc_volume
 from ...volume import Volume
 from ._http import _BLOCK, HttpSession, RemoteError, _CanceledSignal, _error_from
 
@@ -139,29 +139,16 @@ def _sha256_file(path: Path, cancel: threading.Event) -> str:
     return digest.hexdigest()
 
 
-_MRC_MODES = {
-    np.dtype(t): m
-    for t, m in ((np.int8, 0), (np.int16, 1), (np.float32, 2), (np.uint16, 6), (np.float16, 12))
-}
-
-
 def _write_mrc(volume: Volume, path: Path) -> Path:
     """Write an in-memory volume as MRC (keeping voxel size and origin) so it can be uploaded.
 
     uint8 becomes int16 (mode 0 would read back as int8) and other types float32.
     """
-    import mrcfile
-
     dtype = (
         volume.dtype
-        if volume.dtype in _MRC_MODES
+        if volume.dtype in MRC_MODES
         else np.dtype(np.int16 if volume.dtype == np.uint8 else np.float32)
     )
-    depth = max(1, (64 << 20) // max(1, math.prod(volume.shape[1:]) * dtype.itemsize))
-    with mrcfile.new_mmap(path, shape=volume.shape, mrc_mode=_MRC_MODES[dtype]) as mrc:
-        for z0, slab in volume.iter_slabs(depth):
-            mrc.data[z0 : z0 + slab.shape[0]] = slab.astype(dtype, copy=False)
-        mrc.voxel_size = tuple(volume.voxel_size[::-1])
-        z, y, x = volume.origin
-        mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = x, y, z
-    return path
+    return write_mrc_volume(
+        path, volume.data, dtype=dtype, voxel_size=volume.voxel_size, origin=volume.origin
+    )
