@@ -8,12 +8,19 @@ write a table of ratios into docs/benchmarks.md.
 
     python benchmarks/engine.py                       # default shapes, bundled demo model
     python benchmarks/engine.py --shapes 64x128x128 --no-write
+    python benchmarks/engine.py --only resample       # the resampling rows only
+
+Resampling rows: the tomogram is synthesised at 10 Å × ratio (the same scene content in nm)
+and both engines resample it to the model's 10 Å and back. Our engine's overhead is its time
+on that tomogram over its time on a tomogram already at the model-space shape and 10 Å
+(the same tiles, no resampling).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,6 +36,10 @@ ROOT = HERE.parent
 # the volume; the other rows subtract it to show what does.
 DEFAULT_SHAPES = ["64x64x64", "64x128x128", "128x256x256", "200x400x400"]
 DOUBLE_Z = ["256x256x256"]  # ours only: is peak RSS flat when Z doubles from 128?
+RESAMPLE_RATIOS = [0.78, 1.35]  # source voxel size / model voxel size
+RESAMPLE_SHAPES = ["128x256x256", "200x400x400"]
+RESAMPLE_DOUBLE_Z = "256x256x256"  # ours only, at the last ratio
+OVERHEAD_SHAPES = ["128x256x256"]  # also run ours on the model-space shape at 10 Å
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -36,12 +47,13 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return z, y, x
 
 
-def make_volume(shape: tuple[int, int, int], folder: Path) -> Path:
+def make_volume(shape: tuple[int, int, int], folder: Path, voxel_size: float = 10.0) -> Path:
     from cryomamba.synth import synthesize, write_mrc
 
-    path = folder / f"synth_{'x'.join(map(str, shape))}.mrc"
+    suffix = "" if voxel_size == 10.0 else f"_{voxel_size:g}A"
+    path = folder / f"synth_{'x'.join(map(str, shape))}{suffix}.mrc"
     if not path.exists():
-        write_mrc(synthesize(shape, seed=7, snr=1.0), path)
+        write_mrc(synthesize(shape, seed=7, snr=1.0, voxel_size=voxel_size), path)
     return path
 
 
@@ -99,6 +111,68 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def resample_report(rows: list[dict]) -> str:
+    """Markdown table of the resampling rows: both engines' time and peak, our overhead."""
+    lines = [
+        "| volume (Z×Y×X) | voxel size (ratio) | model-space shape | nnU-Net s | ours s "
+        "| time ratio | nnU-Net MiB | ours MiB | peak ratio | ours without resampling s "
+        "| resampling adds |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        ours, ref, plain = row["cryomamba"], row.get("nnunet"), row.get("plain")
+        cells = [row["shape"], f"{row['voxel_size']:g} Å ({row['ratio']:g})", row["model_shape"]]
+        if ref:
+            cells += [
+                f"{ref['seconds']:.1f}",
+                f"{ours['seconds']:.1f}",
+                f"**{ours['seconds'] / ref['seconds']:.2f}×**",
+                f"{ref['above_baseline_mib']:.0f}",
+                f"{ours['above_baseline_mib']:.0f}",
+                f"**{ours['above_baseline_mib'] / ref['above_baseline_mib']:.2f}×**",
+            ]
+        else:
+            cells += ["—", f"{ours['seconds']:.1f}", "—", "—"]
+            cells += [f"{ours['above_baseline_mib']:.0f}", "—"]
+        if plain:
+            extra = ours["seconds"] / plain["seconds"] - 1
+            cells += [f"{plain['seconds']:.1f}", f"**{extra * 100:+.0f} %**"]
+        else:
+            cells += ["—", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_resample_rows(args, model: Path, done=None) -> list[dict]:
+    """Cheapest first (model-space voxels); `done(rows)` after each row (partial results)."""
+    rows: list[dict] = []
+    plan = [(r, text, True) for r in RESAMPLE_RATIOS for text in RESAMPLE_SHAPES]
+    plan.append((RESAMPLE_RATIOS[-1], RESAMPLE_DOUBLE_Z, False))
+    plan.sort(key=lambda p: p[0] ** 3 * math.prod(parse_shape(p[1])))
+    for ratio, text, both in plan:
+        shape = parse_shape(text)
+        voxel_size = round(10.0 * ratio, 4)
+        mrc = make_volume(shape, args.cache, voxel_size)
+        model_shape = tuple(round(n * ratio) for n in shape)  # nnU-Net's compute_new_shape
+        row = {
+            "shape": "×".join(map(str, shape)),
+            "voxel_size": voxel_size,
+            "ratio": ratio,
+            "model_shape": "×".join(map(str, model_shape)),
+        }
+        for engine in ["nnunet", "cryomamba"] if both else ["cryomamba"]:
+            row[engine] = run_one(engine, mrc, model, args.step, args.threads)
+            print(json.dumps({**row[engine], "ratio": ratio}), flush=True)
+        if both and text in OVERHEAD_SHAPES:
+            plain = make_volume(model_shape, args.cache)  # already at 10 Å: no resampling
+            row["plain"] = run_one("cryomamba", plain, model, args.step, args.threads)
+            print(json.dumps({**row["plain"], "plain_for_ratio": ratio}), flush=True)
+        rows.append(row)
+        if done is not None:
+            done(rows)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: bundled demo model)")
@@ -110,11 +184,33 @@ def main() -> None:
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "cryomamba-bench"
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
+    parser.add_argument(
+        "--only", choices=["engine", "resample"], default=None, help="run one table's rows"
+    )
     args = parser.parse_args()
     from cryomamba.models import resolve_model
 
     model = Path(args.model) if args.model else resolve_model("demo-membrane").path
     args.cache.mkdir(parents=True, exist_ok=True)
+    if args.only != "engine":
+
+        def write(rows: list[dict], final: bool = False) -> None:
+            table = resample_report(rows)
+            print(table, flush=True)
+            if args.no_write:
+                return
+            body = (
+                f"Measured {time.strftime('%Y-%m-%d')} on {machine()}"
+                f"{'' if final else ' (the run was still going: rows so far)'}.\n"
+                f"Command: `python benchmarks/engine.py --only resample --threads {args.threads}`"
+                f" (model: `{model.name}` at 10 Å, tile step {args.step}, no TTA, CPU, fp32)."
+                f"\n\n{table}"
+            )
+            write_block("resample", "Engine with resampling: CryoMamba vs nnU-Net", body)
+
+        write(run_resample_rows(args, model, done=write), final=True)
+        if args.only == "resample":
+            return
     rows = []
     for text in args.shapes + args.double_z:
         shape = parse_shape(text)
