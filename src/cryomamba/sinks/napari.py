@@ -34,11 +34,14 @@ import logging
 import math
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..events import Canceled, Completed, Event, Failed, Preview
+
+if TYPE_CHECKING:
+    from ..segmentation import Segmentation
 
 __all__ = ["NapariSink", "preview_geometry"]
 
@@ -85,7 +88,7 @@ class NapariSink:
         self.name = name
         self.image_layer = image_layer
         self.throttle_s = float(throttle_s)
-        self.result = None
+        self.result: Segmentation | None = None
         self.preview_layer: Any = None
         self.mask_layer: Any = None
         self._lock = threading.Lock()
