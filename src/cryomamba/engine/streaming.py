@@ -33,6 +33,9 @@ _FINALIZE_PLANES = 4  # output planes divided and arg-maxed at a time
 ProgressFn = Callable[[int, int], None]
 PlanesFn = Callable[[int, int], None]
 ReleaseFn = Callable[[int, int], None]
+Normalize = Callable[[np.ndarray], np.ndarray]
+TilesIn = Callable[[int, list[tuple[int, int]]], torch.Tensor]  # (z, [(y, x)]) → (n, 1, *patch)
+Finish = Callable[[torch.Tensor, torch.Tensor, int, int], None]  # logits, weights, base, end
 
 
 class GpuOutOfMemory(CryoMambaError):
@@ -178,7 +181,16 @@ class StreamingPredictor:
         return None if plan.identity else plan
 
     # -- where tiles come from and where finished planes go ------------------------------------
-    def _plain_io(self, region, out_region, grid: TileGrid, normalize, release, zmap, on_planes):
+    def _plain_io(
+        self,
+        region: np.ndarray,
+        out_region: np.ndarray,
+        grid: TileGrid,
+        normalize: Normalize,
+        release: ReleaseFn | None,
+        zmap: _ZMap,
+        on_planes: PlanesFn,
+    ) -> tuple[TilesIn, Finish]:
         """Tiles cut from the source as is; finished planes arg-maxed straight into the output."""
         device = self.device
         pz = grid.patch[0]
@@ -196,7 +208,7 @@ class StreamingPredictor:
                 xt = xt.pin_memory().to(device, non_blocking=True)
             return xt
 
-        def finish(logits, weights, base: int, end: int) -> None:
+        def finish(logits: torch.Tensor, weights: torch.Tensor, base: int, end: int) -> None:
             self._finalize(logits, weights, base, end, grid, out_region, n_folds)
             if not zmap.transposed_z:
                 lo, hi = zmap.source_span(base - bz, end - bz, grid.shape[0])
@@ -206,19 +218,28 @@ class StreamingPredictor:
         return tiles_in, finish
 
     def _resampled_io(
-        self, region, out_region, grid: TileGrid, plan: ResamplePlan, normalize, release, zmap,
-        on_planes, bounds,
-    ):  # fmt: skip
+        self,
+        region: np.ndarray,
+        out_region: np.ndarray,
+        grid: TileGrid,
+        plan: ResamplePlan,
+        normalize: Normalize,
+        release: ReleaseFn | None,
+        zmap: _ZMap,
+        on_planes: PlanesFn,
+        bounds: tuple[float, float],
+    ) -> tuple[TilesIn, Finish]:
         """Tiles cut from a rolling window of model-space input planes; finished model planes
         resampled back to the source grid before the arg-max (module `resample`)."""
         pz = grid.patch[0]
         (bz, by, bx), (sz, sy, sx) = grid.pad_below, grid.shape
         n_folds = len(self.model.networks)
-        source_release = None
+        source_release: ReleaseFn | None = None
         if release is not None and not zmap.transposed_z:
+            give_back = release
 
             def source_release(j0: int, j1: int) -> None:
-                release(*zmap.source_span(j0, j1, plan.source_shape[0]))
+                give_back(*zmap.source_span(j0, j1, plan.source_shape[0]))
 
         window = ResampledInput(region, normalize, plan, pz, self.device, source_release, bounds)
 
@@ -233,7 +254,7 @@ class StreamingPredictor:
             first = max(z - bz, 0)
             return torch.stack([_model_tile(planes, first, grid, z, y, xx) for y, xx in batch])
 
-        def finish(logits, weights, base: int, end: int) -> None:
+        def finish(logits: torch.Tensor, weights: torch.Tensor, base: int, end: int) -> None:
             lo, hi = max(base, bz), min(end, bz + sz)
             for a in range(lo, hi, _FINALIZE_PLANES):  # in small blocks: bounded temporaries
                 b = min(a + _FINALIZE_PLANES, hi)
@@ -243,7 +264,14 @@ class StreamingPredictor:
         return tiles_in, finish
 
     # -- the loop -------------------------------------------------------------------------------
-    def _run(self, grid: TileGrid, tiles_in, finish, on_progress, cancel) -> None:
+    def _run(
+        self,
+        grid: TileGrid,
+        tiles_in: TilesIn,
+        finish: Finish,
+        on_progress: ProgressFn | None,
+        cancel: threading.Event | None,
+    ) -> None:
         from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
         device = self.device
@@ -319,7 +347,9 @@ class StreamingPredictor:
         return pred[:, :, by : by + sy, bx : bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
 
     @staticmethod
-    def _mean_logits(logits, weights, a, b, n_folds) -> torch.Tensor:
+    def _mean_logits(
+        logits: torch.Tensor, weights: torch.Tensor, a: int, b: int, n_folds: int
+    ) -> torch.Tensor:
         """Buffer planes a..b divided by the weight sum per fold, then the fold mean (fp16)."""
         w = weights[a:b]
         pred = torch.div(logits[0, :, a:b], w)
@@ -355,7 +385,9 @@ def _tile(region, grid: TileGrid, z: int, y: int, x: int, normalize) -> np.ndarr
     return tile
 
 
-def _model_tile(planes: torch.Tensor, first: int, grid: TileGrid, z: int, y: int, x: int):
+def _model_tile(
+    planes: torch.Tensor, first: int, grid: TileGrid, z: int, y: int, x: int
+) -> torch.Tensor:
     """One tile (1, pz, py, px) at padded position (z, y, x), cut from model-space planes
     `first`.. (already normalized, on the device); outside the region it is 0, as in nnU-Net."""
     tile = torch.zeros((1, *grid.patch), dtype=torch.float32, device=planes.device)
