@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from ..job import JobState
 from .errors import ApiError, error_response
 from .jobs import JobRoutes
 from .metrics import Metrics
@@ -94,7 +95,7 @@ class ServerState:
         root: Path = self.settings.artifacts_dir
         for entry in root.iterdir():
             row = self.storage.job(entry.name) if entry.is_dir() else None
-            if row is None or row["state"] != "completed":
+            if row is None or row["state"] != JobState.COMPLETED:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from ..config import JobConfig
 from ..errors import CryoMambaError
+from ..job import TERMINAL_STATES, JobState
 from .auth import sign_artifact
 from .errors import ApiError, not_found
 from .paths import file_identity, open_job_source, open_nofollow, resolve_server_path
@@ -21,7 +22,7 @@ from .uploads import json_body
 
 __all__ = ["JobRoutes", "job_record"]
 
-STATES = ("queued", "running", "previewing", "completed", "failed", "canceled")
+STATES = tuple(JobState)
 
 
 def job_record(server, row: dict[str, Any]) -> dict[str, Any]:
@@ -31,7 +32,7 @@ def job_record(server, row: dict[str, Any]) -> dict[str, Any]:
     if live is not None and live.last_progress is not None:
         progress = live.last_progress.record()
     artifacts = {}
-    if row["state"] == "completed" and row["artifacts"]:
+    if row["state"] == JobState.COMPLETED and row["artifacts"]:
         for name, info in row["artifacts"].items():
             url, exp = sign_artifact(server.secret, row["id"], name, server.settings.url_ttl_s)
             artifacts[name] = {**info, "url": url, "expires_at": exp}
@@ -46,7 +47,7 @@ def job_record(server, row: dict[str, Any]) -> dict[str, Any]:
         "device": row["device"],
         "queue_position": (
             server.storage.queue_position(row["id"], row["created_at"])
-            if row["state"] == "queued"
+            if row["state"] == JobState.QUEUED
             else None
         ),
         "source": source,
@@ -82,7 +83,7 @@ class JobRoutes:
         row = {
             "id": new_id(),
             "owner": principal.subject,
-            "state": "queued",
+            "state": JobState.QUEUED,
             "device": None if config.device == "auto" else config.device,
             "created_at": now,
             "started_at": None,
@@ -125,9 +126,7 @@ class JobRoutes:
     async def cancel(self, request: Request) -> JSONResponse:
         request.state.principal.require("submit")
         row = self.owned(request)
-        if row["state"] in ("completed", "failed", "canceled") or not self.server.runner.cancel(
-            row["id"]
-        ):
+        if row["state"] in TERMINAL_STATES or not self.server.runner.cancel(row["id"]):
             raise ApiError(
                 409,
                 "job_finished",

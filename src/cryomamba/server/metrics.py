@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..job import JobState
+
 __all__ = ["Metrics"]
 
 
@@ -20,11 +22,13 @@ class _JobStates(Collector):
     def collect(self):
         counts = self.count_by_state()
         jobs = GaugeMetricFamily("cryomamba_jobs", "Jobs by state", labels=["state"])
-        for state in ("queued", "running", "previewing", "completed", "failed", "canceled"):
+        for state in JobState:
             jobs.add_metric([state], counts.get(state, 0))
         yield jobs
         yield GaugeMetricFamily(
-            "cryomamba_queue_depth", "Jobs waiting for a device", value=counts.get("queued", 0)
+            "cryomamba_queue_depth",
+            "Jobs waiting for a device",
+            value=counts.get(JobState.QUEUED, 0),
         )
 
 

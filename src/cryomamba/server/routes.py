@@ -7,6 +7,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from .._version import __version__
 from ..config import ARTIFACT_MEDIA_TYPES
+from ..job import JobState
 from .auth import check_signature
 from .errors import ApiError, not_found
 from .openapi import openapi_document
@@ -63,7 +64,7 @@ async def artifact(request: Request) -> Response:
         request.query_params.get("sig"),
     )
     row = server.storage.job(job_id)
-    if row is None or row["state"] != "completed" or name not in (row["artifacts"] or {}):
+    if row is None or row["state"] != JobState.COMPLETED or name not in (row["artifacts"] or {}):
         raise not_found("artifact", f"{job_id}/{name}")
     path = server.settings.artifacts_dir / job_id / name
     if not path.is_file():

@@ -19,6 +19,7 @@ import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..events import Completed, Event
+from ..job import TERMINAL_STATES, JobState
 from .errors import ApiError
 from .jobs import job_record
 
@@ -26,14 +27,13 @@ __all__ = ["job_socket"]
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("completed", "failed", "canceled")
 CLOSE_CODES = {401: 4401, 403: 4403, 404: 4404}
 
 
 def terminal_message(server, row: dict[str, Any]) -> dict[str, Any]:
-    if row["state"] == "completed":
+    if row["state"] == JobState.COMPLETED:
         return {"type": "completed", "job": job_record(server, row)}
-    if row["state"] == "failed":
+    if row["state"] == JobState.FAILED:
         return {"type": "failed", **(row["error"] or {})}
     return {"type": "canceled"}
 
@@ -85,7 +85,7 @@ def _authorize(websocket: WebSocket, server) -> dict[str, Any]:
 async def _stream(server, row: dict[str, Any], send) -> None:
     job_id = row["id"]
     await send({"type": "state", "job": job_record(server, row)})
-    if row["state"] in TERMINAL:
+    if row["state"] in TERMINAL_STATES:
         await send(terminal_message(server, row))
         return
     job = server.runner.live.get(job_id)
