@@ -106,7 +106,8 @@ def server(tmp_path_factory, tiny_model, root):
         tmp_path_factory.mktemp("auth") / "data",
         models_dir=tiny_model.parent,
         roots=[root],
-        extra_args=["--rate-limit", "100000"],  # the tests here are many and quick
+        # the tests here are many and quick, and many of them fail to authenticate on purpose
+        extra_args=["--rate-limit", "100000", "--auth-failures", "100000"],
     )
     srv.start()
     yield srv

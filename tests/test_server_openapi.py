@@ -45,14 +45,19 @@ def server(tmp_path_factory) -> Iterator[LiveServer]:
     with mrcfile.new(root / "small.mrc") as mrc:
         mrc.set_data(np.random.default_rng(0).normal(size=(24, 32, 32)).astype(np.float32))
         mrc.voxel_size = 10.0
+    with mrcfile.new(root / "no-voxel-size.mrc") as mrc:  # passes submit, fails in the worker
+        mrc.set_data(np.random.default_rng(1).normal(size=(24, 32, 32)).astype(np.float32))
     live = LiveServer(
-        base / "data", models_dir=models, roots=[root], extra_args=["--rate-limit", "1000000"]
+        base / "data",
+        models_dir=models,
+        roots=[root],
+        extra_args=["--rate-limit", "1000000", "--auth-failures", "1000000"],
     )
     live.start()
     with live.client(live.token("alice", "read,upload,submit")) as alice:
         jobs = [
             _submit(alice, {"model": "tiny"}),
-            _submit(alice, {"model": "tiny", "folds": [3]}),  # the model has fold 0 only
+            _submit(alice, {"model": "tiny"}, "no-voxel-size.mrc"),  # voxel_size_unknown
             _submit(alice, {"model": "tiny"}),
         ]
         alice.delete(f"/v1/jobs/{jobs[2]}")  # canceled, queued or running
@@ -62,8 +67,8 @@ def server(tmp_path_factory) -> Iterator[LiveServer]:
     live.stop()
 
 
-def _submit(client, config: dict) -> str:
-    r = client.post("/v1/jobs", json={"server_path": "small.mrc", "config": config})
+def _submit(client, config: dict, server_path: str = "small.mrc") -> str:
+    r = client.post("/v1/jobs", json={"server_path": server_path, "config": config})
     assert r.status_code == 201, r.text
     return r.json()["id"]
 

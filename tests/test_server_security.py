@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -66,7 +67,7 @@ def server(base, root, outside) -> Iterator[LiveServer]:
         base / "data",
         models_dir=models,
         roots=[root],
-        extra_args=["--rate-limit", "100000"],
+        extra_args=["--rate-limit", "100000", "--max-tiles", "1000", "--header-timeout", "2s"],
     )
     live.start()
     yield live
@@ -304,3 +305,175 @@ def test_parts_received_is_a_list_of_indices_in_every_answer(alice, outside):
     done = alice.get(f"/v1/uploads/{uid}").json()
     assert done["state"] == "completed"
     assert done["parts_received"] == [0] and done["parts_received_count"] == 1
+
+
+# -- 2. tile_step has a floor; a job's tiles have a cap ---------------------------------------
+@pytest.mark.parametrize("step", [1e-9, 1e-6, 0.05, 0.0999])
+def test_a_tile_step_below_the_floor_is_refused_at_submit(alice, step):
+    r = alice.post(
+        "/v1/jobs",
+        json={"server_path": "medium.mrc", "config": {"model": "tiny", "tile_step": step}},
+    )
+    err = assert_error(r, 422, "invalid_config")
+    assert "tile_step" in err["message"] and "0.1" in err["message"]
+    assert alice.get("/v1/jobs", params={"state": "queued"}).json()["jobs"] == []
+
+
+def test_a_job_with_more_tiles_than_the_server_allows_is_refused_naming_the_count(alice):
+    # 48x96x96 in 16³ tiles at step 0.25: 9 x 21 x 21 = 3,969 tiles; this server allows 1,000
+    r = alice.post(
+        "/v1/jobs",
+        json={"server_path": "medium.mrc", "config": {"model": "tiny", "tile_step": 0.25}},
+    )
+    err = assert_error(r, 422, "invalid_config")
+    assert "3,969 tiles" in err["message"] and "1,000" in err["message"]
+    assert "--max-tiles" in err["hint"]
+    ok = submit(alice, "medium.mrc", tile_step=1)  # 3 x 6 x 6 = 108 tiles
+    alice.delete(f"/v1/jobs/{ok['id']}")
+    wait_for(alice, ok["id"])
+
+
+def test_the_tile_count_is_computed_without_listing_steps():
+    from cryomamba.engine.tiling import TileGrid, tile_count
+
+    for shape, patch, step in [
+        ((48, 96, 96), (16, 16, 16), 0.25),
+        ((24, 32, 32), (16, 16, 16), 0.5),
+        ((7, 300, 129), (12, 16, 16), 0.33),
+        ((200, 1000, 1000), (64, 128, 128), 0.1),
+    ]:
+        assert tile_count(shape, patch, step) == TileGrid.build(shape, patch, step).n_tiles
+    # a tomogram a million voxels on a side: counted at once, never listed
+    assert tile_count((10**6,) * 3, (64,) * 3, 0.1) == 156_241**3  # (10⁶ - 64) / 6.4 + 1
+    with pytest.raises(ValueError, match="tile_step"):
+        TileGrid.build((64, 64, 72), (64, 64, 64), 1e-9)  # refused before any list is made
+
+
+# -- 3. header size and header-read time -----------------------------------------------------
+def test_a_huge_header_is_refused_with_431(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /v1/server/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        sent = 0
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            while sent < 64 << 20:
+                sock.sendall(b"a" * (1 << 20))
+                sent += 1 << 20
+        reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert sent < 64 << 20  # refused long before 64 MiB were read
+
+
+def test_a_slowloris_connection_is_closed_after_the_header_timeout(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /v1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        start = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - start < 20:  # one header line every 0.5 s, never the end
+                sock.sendall(b"X-Drip: 1\r\n")
+                time.sleep(0.5)
+        reply = read_until_closed(sock)
+        elapsed = time.monotonic() - start
+    assert elapsed < 10, elapsed  # the server gave up on it (--header-timeout 2s)
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+
+
+def test_a_connection_that_sends_nothing_is_closed(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        start = time.monotonic()
+        assert read_until_closed(sock) == b""
+        assert time.monotonic() - start < 10
+
+
+def test_headers_within_the_limits_still_work(server, alice):
+    token = alice.headers["Authorization"]
+    big = "x" * 32_000  # half the 64 KiB default
+    r = alice.get("/v1/server/info", headers={"X-Big": big, "Authorization": token})
+    assert r.status_code == 200, r.text
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    out = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+# -- 7. folds ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("folds", [[7], [10**30], [True], [False], [0.0], ["0"], [0, 0]])
+def test_folds_the_model_lacks_or_that_are_not_integers_are_refused_at_submit(alice, server, folds):
+    r = alice.post(
+        "/v1/jobs",
+        json={"server_path": "medium.mrc", "config": {"model": "tiny", "folds": folds}},
+    )
+    err = assert_error(r, 422, "invalid_config")
+    assert str(server.models_dir) not in str(err) and str(server.data_dir) not in str(err)
+    assert "folds" in err["message"] or "fold" in err["message"]
+
+
+def test_a_fold_the_model_has_is_accepted(alice):
+    job = submit(alice, "medium.mrc", folds=[0], tile_step=1)
+    alice.delete(f"/v1/jobs/{job['id']}")
+    assert wait_for(alice, job["id"])["state"] in ("canceled", "completed")
+
+
+# -- 9. WebSocket handshakes and failed authentications are rate-limited ----------------------
+@pytest.fixture
+def strict(base) -> Iterator[LiveServer]:
+    """A server with a budget of 3 requests a minute per user and 3 failed logins per address."""
+    live = LiveServer(
+        base / f"strict-{time.monotonic_ns()}",
+        extra_args=["--rate-limit", "3", "--auth-failures", "3"],
+    )
+    live.start()
+    yield live
+    live.stop()
+
+
+def test_websocket_handshakes_spend_the_users_request_budget(strict):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    token = strict.token("carol", "read")
+    url = f"ws://127.0.0.1:{strict.port}/v1/ws/jobs/nope"
+    headers = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):  # within the budget: the socket is served (no such job: 4404)
+        with connect(url, additional_headers=headers) as ws:
+            assert json.loads(ws.recv())["error"]["code"] == "not_found"
+    with connect(url, additional_headers=headers) as ws:
+        message = json.loads(ws.recv())
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv()
+    assert message["error"]["code"] == "rate_limited" and message["error"]["retryable"]
+    assert closed.value.rcvd.code == 4429
+    with strict.client(token) as c:  # HTTP shares the budget the sockets spent
+        r = c.get("/v1/server/info")
+        assert_error(r, 429, "rate_limited")
+
+
+def test_failed_authentications_are_limited_per_address_but_a_valid_token_passes(strict):
+    with strict.client("not-a-token") as bad:
+        for _ in range(3):
+            assert_error(bad.get("/v1/server/info"), 401, "invalid_token")
+        r = bad.get("/v1/server/info")
+        err = assert_error(r, 429, "too_many_auth_failures")
+        assert err["retryable"] and int(r.headers["Retry-After"]) >= 1
+    with strict.client() as anonymous:  # no token at all counts as a failure too
+        assert_error(anonymous.get("/v1/jobs"), 429, "too_many_auth_failures")
+    with strict.client(strict.token("dave", "read")) as good:
+        assert good.get("/v1/server/info").status_code == 200
+
+
+# -- 8. stats.json written by the server names files, not server paths -------------------------
+def test_stats_json_from_the_server_holds_names_and_checksums_not_paths(alice, server, root):
+    write_mrc(root / "stats-source.mrc", SMALL)
+    job = wait_for(alice, submit(alice, "stats-source.mrc")["id"])
+    assert job["state"] == "completed", job
+    text = alice.get(job["artifacts"]["stats.json"]["url"]).text
+    for secret in (str(root), str(server.models_dir), str(server.data_dir), "/proc/self/fd"):
+        assert secret not in text
+    provenance = json.loads(text)["provenance"]
+    assert provenance["source"]["path"] == "stats-source.mrc"
+    assert provenance["source"]["sha256"] == job["source"]["sha256"]
+    assert "path" not in provenance["model"]
+    assert provenance["model"]["name"] == "tiny" and provenance["model"]["sha256"]

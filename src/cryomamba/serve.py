@@ -81,6 +81,12 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     opt("upload-ttl", "24h", "an upload with no activity for this long expires", type=_duration)
     opt("upload-concurrency", "8", "upload parts in flight at once per user", type=int)
     opt("rate-limit", "60", "requests per minute per user (upload parts excepted)", type=int)
+    opt("auth-failures", "20", "failed authentications per minute per client address", type=int)
+    opt("max-tiles", "250000", "most tiles one job may make (422 at submit beyond)", type=int)
+    opt("max-header-size", "64K", "largest request line + headers (431 beyond)", type=_size)
+    opt("header-timeout", "10s", "a request's headers must arrive within this", type=_duration)
+    opt("idle-timeout", "5s", "an idle keep-alive connection is closed after this", type=_duration)
+    opt("max-connections", "1000", "connections and requests at once (503 beyond)", type=int)
     opt("url-ttl", "1h", "how long signed artifact URLs stay valid", type=_duration)
     opt("keepalive", "25", "seconds between WebSocket pings", type=float)
     opt(
@@ -127,6 +133,12 @@ def settings_from_args(args: argparse.Namespace):
         upload_ttl_s=typed(args.upload_ttl, _duration),
         upload_concurrency=int(args.upload_concurrency),
         rate_limit_per_min=int(args.rate_limit),
+        auth_failures_per_min=int(args.auth_failures),
+        max_tiles=int(args.max_tiles),
+        max_header_bytes=typed(args.max_header_size, _size),
+        header_timeout_s=typed(args.header_timeout, _duration),
+        idle_timeout_s=typed(args.idle_timeout, _duration),
+        max_connections=int(args.max_connections),
         url_ttl_s=typed(args.url_ttl, _duration),
         keepalive_s=float(args.keepalive),
         on_restart=args.on_restart,
@@ -142,6 +154,7 @@ def run(settings) -> None:
     import uvicorn
 
     from .server import create_app
+    from .server.limits import uvicorn_limits
     from .server.logs import configure_logging
 
     configure_logging(settings.log_level)
@@ -164,6 +177,7 @@ def run(settings) -> None:
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         ws_ping_interval=None,
         timeout_graceful_shutdown=10,
+        **uvicorn_limits(settings),
     )
 
 

@@ -6,9 +6,13 @@ follows `pad_nd_image` (content centred, the odd voxel of padding goes above).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["TileGrid"]
+from ..config import MIN_TILE_STEP
+
+__all__ = ["TileGrid", "tile_count"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class TileGrid:
         cls, shape: tuple[int, int, int], patch: tuple[int, int, int], tile_step: float
     ) -> TileGrid:
         from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+        _check_step(tile_step)  # before nnU-Net lists the steps: a tiny step makes giant lists
 
         padded = tuple(max(s, p) for s, p in zip(shape, patch))
         pad_below = tuple((p - s) // 2 for s, p in zip(shape, padded))
@@ -54,3 +60,20 @@ class TileGrid:
         """First padded plane still open after z-row `row`: planes below it are complete."""
         zs = self.steps[0]
         return zs[row + 1] if row + 1 < len(zs) else self.padded[0]
+
+
+def tile_count(shape: Sequence[int], patch: Sequence[int], tile_step: float) -> int:
+    """How many tiles `TileGrid.build` would make, computed without listing any step.
+
+    nnU-Net's rule per axis: ceil((padded - patch) / (patch * tile_step)) + 1 tiles.
+    """
+    _check_step(tile_step)
+    total = 1
+    for s, p in zip(shape, patch, strict=True):
+        total *= math.ceil((max(s, p) - p) / (p * tile_step)) + 1
+    return total
+
+
+def _check_step(tile_step: float) -> None:
+    if not MIN_TILE_STEP <= tile_step <= 1:
+        raise ValueError(f"tile_step must be in [{MIN_TILE_STEP}, 1], got {tile_step!r}")

@@ -194,7 +194,11 @@ def create_app(settings: ServerSettings) -> Starlette:
         routes=routes,
         middleware=[
             Middleware(RequestContextMiddleware, metrics=server.metrics, routes=routes),
-            Middleware(AuthMiddleware, secret=server.secret),
+            Middleware(
+                AuthMiddleware,
+                secret=server.secret,
+                failures_per_min=settings.auth_failures_per_min,
+            ),
             Middleware(RateLimitMiddleware, per_minute=settings.rate_limit_per_min),
         ],
         exception_handlers={

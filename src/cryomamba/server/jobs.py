@@ -16,6 +16,7 @@ from ..errors import CryoMambaError
 from ..job import TERMINAL_STATES, JobState
 from .auth import sign_artifact
 from .errors import ApiError, not_found
+from .job_checks import ModelFacts
 from .paths import file_identity, open_job_source, open_nofollow, resolve_server_path
 from .storage import new_id
 from .uploads import json_body
@@ -62,7 +63,7 @@ def job_record(server, row: dict[str, Any]) -> dict[str, Any]:
 class JobRoutes:
     def __init__(self, server) -> None:
         self.server = server
-        self._model_sha: dict[str, str] = {}
+        self._models: dict[str, ModelFacts] = {}
 
     async def create(self, request: Request) -> JSONResponse:
         principal = request.state.principal
@@ -78,7 +79,9 @@ class JobRoutes:
             )
         config = self._config(body.get("config", {}))
         source = await self._source(request, body)
-        model = await anyio.to_thread.run_sync(self._model, config.model)
+        facts = await anyio.to_thread.run_sync(self._model, config.model)
+        facts.check(config, source, self.server.settings.max_tiles)
+        model = {"name": config.model, "sha256": facts.sha256}
         now = time.time()
         row = {
             "id": new_id(),
@@ -210,12 +213,10 @@ class JobRoutes:
             **meta,
         }
 
-    def _model(self, name: str) -> dict[str, Any]:
-        from ..models import resolve_model
-
-        if name not in self._model_sha:
-            self._model_sha[name] = resolve_model(name).checksum()
-        return {"name": name, "sha256": self._model_sha[name]}
+    def _model(self, name: str) -> ModelFacts:
+        if name not in self._models:
+            self._models[name] = ModelFacts.read(name)
+        return self._models[name]
 
 
 def _describe(path: Path) -> dict[str, Any]:

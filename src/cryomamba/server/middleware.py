@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .auth import decode_token, missing_token
 from .errors import ApiError, error_response
 
-__all__ = ["AuthMiddleware", "RateLimitMiddleware", "RequestContextMiddleware"]
+__all__ = ["AuthMiddleware", "RateLimitMiddleware", "RequestContextMiddleware", "TokenBucket"]
 
 access_log = logging.getLogger("cryomamba.server.access")
 
@@ -99,10 +99,13 @@ class AuthMiddleware:
 
     WebSockets pass through with `auth_error` set instead, so the socket can be accepted
     and told why it is being closed (browsers cannot read a refused handshake's reason).
+    Failed authentications are counted per client address: beyond `failures_per_min`, a
+    failing request answers 429 with Retry-After instead of 401 (a valid token still passes).
     """
 
-    def __init__(self, app: ASGIApp, secret: bytes) -> None:
+    def __init__(self, app: ASGIApp, secret: bytes, failures_per_min: int = 20) -> None:
         self.app, self.secret = app, secret
+        self.failures = TokenBucket(failures_per_min)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         query_token = _take_query_token(scope) if scope["type"] == "websocket" else None
@@ -112,7 +115,21 @@ class AuthMiddleware:
         state = scope.setdefault("state", {})
         try:
             state["principal"] = decode_token(self.secret, self._token(scope, query_token))
-        except ApiError as exc:
+        except ApiError as refused:
+            exc = refused
+            client = scope.get("client") or ("?", 0)
+            wait = self.failures.take(f"ip:{client[0]}")
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                exc = ApiError(
+                    429,
+                    "too_many_auth_failures",
+                    f"more than {self.failures.per_minute} failed authentications per minute "
+                    "from this address",
+                    f"check the token, then wait {retry} s; clients should honour Retry-After",
+                    retryable=True,
+                    headers={"Retry-After": str(retry)},
+                )
             if scope["type"] == "websocket":
                 state["auth_error"] = exc
             else:
@@ -149,27 +166,25 @@ class _Bucket:
         self.tokens, self.stamp = tokens, stamp
 
 
-class RateLimitMiddleware:
-    """`per_minute` requests per user (token subject), a token bucket; 429 + Retry-After beyond.
+class TokenBucket:
+    """`per_minute` events per key, refilled continuously; full buckets are forgotten."""
 
-    Upload parts are exempt: they are limited by how many may be in flight at once instead,
-    so a big upload is not throttled by its own part count.
-    """
-
-    def __init__(self, app: ASGIApp, per_minute: int) -> None:
-        self.app, self.per_minute = app, per_minute
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
-    def _exempt(self, scope: Scope) -> bool:
-        path = scope["path"]
-        return _is_public(path) or (scope.get("method") == "PUT" and "/part/" in path)
-
     def take(self, key: str, now: float | None = None) -> float:
-        """Spend one request for `key`: 0 if allowed, else seconds until the next one is."""
+        """Spend one event for `key`: 0 if allowed, else seconds until the next one is."""
         now = time.monotonic() if now is None else now
         rate = self.per_minute / 60.0
         with self._lock:
+            if len(self._buckets) > 10_000:  # many addresses: drop those that are full again
+                self._buckets = {
+                    k: b
+                    for k, b in self._buckets.items()
+                    if b.tokens + (now - b.stamp) * rate < self.per_minute
+                }
             bucket = self._buckets.get(key)
             if bucket is None:
                 bucket = self._buckets[key] = _Bucket(float(self.per_minute), now)
@@ -180,11 +195,37 @@ class RateLimitMiddleware:
                 return 0.0
             return (1 - bucket.tokens) / rate
 
+
+class RateLimitMiddleware:
+    """`per_minute` requests per user (token subject), a token bucket; 429 + Retry-After beyond.
+
+    WebSocket handshakes spend from the same budget (a refused one is accepted, told why,
+    and closed with 4429, like an authentication error). Upload parts are exempt: they are
+    limited by how many may be in flight at once instead, so a big upload is not throttled
+    by its own part count.
+    """
+
+    def __init__(self, app: ASGIApp, per_minute: int) -> None:
+        self.app, self.per_minute = app, per_minute
+        self.buckets = TokenBucket(per_minute)
+
+    def _exempt(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return _is_public(path) or (scope.get("method") == "PUT" and "/part/" in path)
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """Spend one request for `key`: 0 if allowed, else seconds until the next one is."""
+        return self.buckets.take(key, now)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._exempt(scope):
+        if scope["type"] not in ("http", "websocket") or self._exempt(scope):
             await self.app(scope, receive, send)
             return
-        principal: Any = scope.get("state", {}).get("principal")
+        state = scope.setdefault("state", {})
+        if "auth_error" in state:  # a refused WebSocket: the failure budget counted it
+            await self.app(scope, receive, send)
+            return
+        principal: Any = state.get("principal")
         client = scope.get("client") or ("?", 0)
         key = f"sub:{principal.subject}" if principal else f"ip:{client[0]}"
         wait = self.take(key)
@@ -198,6 +239,9 @@ class RateLimitMiddleware:
                 retryable=True,
                 headers={"Retry-After": str(retry)},
             )
-            await error_response(exc)(scope, receive, send)
-            return
+            if scope["type"] == "websocket":
+                state["auth_error"] = exc
+            else:
+                await error_response(exc)(scope, receive, send)
+                return
         await self.app(scope, receive, send)

@@ -21,7 +21,13 @@ from ..errors import CryoMambaError
 from ..volume import Volume
 from .errors import ApiError
 
-__all__ = ["file_identity", "open_job_source", "open_nofollow", "resolve_server_path"]
+__all__ = [
+    "file_identity",
+    "open_job_source",
+    "open_nofollow",
+    "public_provenance",
+    "resolve_server_path",
+]
 
 _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)  # Linux: search permission is enough for folders
 
@@ -168,6 +174,20 @@ class _FdVolume(Volume):
         if fd is not None:
             self.path = None  # /proc/self/fd/N may name another file from now on
             os.close(fd)
+
+
+def public_provenance(provenance: Mapping[str, Any], filename: str) -> dict[str, Any]:
+    """`provenance` as a client may read it: the source by `filename`, the model by name.
+
+    Local runs keep full paths in stats.json; the server writes this instead, so no
+    artifact reveals where its files or models live (the job record hides them too).
+    """
+    public = dict(provenance)
+    if isinstance(public.get("source"), Mapping):
+        public["source"] = {**public["source"], "path": filename}
+    if isinstance(public.get("model"), Mapping):
+        public["model"] = {k: v for k, v in public["model"].items() if k != "path"}
+    return public
 
 
 def _changed(why: str) -> CryoMambaError:

@@ -22,7 +22,7 @@ from ..errors import CryoMambaError
 from ..events import Canceled, Completed, Event, Failed, Preview, Progress
 from ..executors.base import Executor, failure, make_executor
 from ..job import Job, JobState
-from .paths import open_job_source
+from .paths import open_job_source, public_provenance
 from .storage import Storage
 
 __all__ = ["JobRunner", "detect_devices"]
@@ -238,6 +238,8 @@ class JobRunner:
                 job_id,
                 failure(RuntimeError("the executor completed without a result"), io_hint=""),
             )
+        source = self.storage.job(job_id)["source"]  # stats.json names files, not server paths:
+        result.provenance = public_provenance(result.provenance, source["filename"])
         try:
             paths = result.save(self.artifacts_dir / job_id, formats=config.formats)
         except CryoMambaError as exc:
@@ -249,7 +251,7 @@ class JobRunner:
                 job_id,
                 Failed(
                     code="output_not_writable",
-                    message=str(exc),
+                    message=f"the job's results could not be written: {exc.strerror or exc}",
                     hint="the server's artifacts folder is not writable or full; tell its operator",
                     retryable=True,
                 ),

@@ -36,6 +36,12 @@ class ServerSettings:
     upload_ttl_s: float = 24 * 3600.0
     upload_concurrency: int = 8  # part PUTs in flight per user (token subject)
     rate_limit_per_min: int = 60
+    auth_failures_per_min: int = 20  # failed authentications per client address (429 beyond)
+    max_tiles: int = 250_000  # per job; a 10 GB float32 tomogram, 64³ patch, step 0.5: ~75k
+    max_header_bytes: int = 64 << 10  # request line + headers (431 beyond)
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (else closed)
+    idle_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 1000  # connections and requests at once (503 beyond)
     url_ttl_s: float = 3600.0
     keepalive_s: float = 25.0
     on_restart: str = "fail"  # what happens to jobs that were running: "fail" or "requeue"
@@ -60,9 +66,20 @@ class ServerSettings:
                 f"--cluster is for --executor dask (the executor is {self.executor!r})",
                 hint="add --executor dask, or drop --cluster",
             )
-        for name in ("jobs_per_device", "upload_concurrency", "rate_limit_per_min"):
+        for name in (
+            "jobs_per_device",
+            "upload_concurrency",
+            "rate_limit_per_min",
+            "auth_failures_per_min",
+            "max_tiles",
+            "max_header_bytes",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ConfigError(
                 "TLS needs both a certificate and a key",

@@ -173,7 +173,7 @@ class UploadService:
         if row is not None:
             if row["state"] == "open":
                 self.storage.update_upload(row["id"], expires_at=now + self.settings.upload_ttl_s)
-                row = self.storage.upload(row["id"])
+                row = self._row(row["id"])
             log.info("upload %s resumed by %s", row["id"], principal.subject)
             return JSONResponse(upload_record(row, self.storage.parts(row["id"])), 200)
         upload_id = new_id()
@@ -231,7 +231,7 @@ class UploadService:
         try:
             data = await self._read_part(request, idx, expected)
             async with gate.lock:  # complete may have begun while the body arrived
-                self._check_open(self.storage.upload(row["id"]))
+                self._check_open(self._row(row["id"]))
                 gate.enter()
             try:
                 digest = await anyio.to_thread.run_sync(
@@ -262,9 +262,11 @@ class UploadService:
         gate = self._gate(row["id"])
         async with gate.lock:
             await gate.idle.wait()  # parts that passed their check are written first
-            row = self.storage.upload(row["id"])
+            row = self._row(row["id"])
             if row["state"] == "completed":
-                return JSONResponse(file_record(self.storage.file(row["file_id"])), 200)
+                file_row = self.storage.file(row["file_id"])
+                assert file_row is not None  # a completed upload always has its file
+                return JSONResponse(file_record(file_row), 200)
             self._check_open(row)
             parts = self.storage.parts(row["id"])
             missing = [i for i in range(row["parts_total"]) if i not in parts]
@@ -353,6 +355,12 @@ class UploadService:
         row = self.storage.upload(upload_id)
         if row is None or not request.state.principal.owns(row["owner"]):
             raise not_found("upload", upload_id)
+        return row
+
+    def _row(self, upload_id: str) -> dict[str, Any]:
+        """The upload's row, read again (it exists: uploads are never deleted)."""
+        row = self.storage.upload(upload_id)
+        assert row is not None
         return row
 
     def _check_open(self, row: dict[str, Any]) -> None:

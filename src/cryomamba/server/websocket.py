@@ -2,7 +2,8 @@
 
 Each socket follows the job's coalescing subscription, so a slow client skips to the
 latest preview and never slows the job. A ping goes out every `keepalive_s` of silence.
-Protocol errors are sent as `{"type": "error", ...}` before closing with 4401/4403/4404.
+Protocol errors are sent as `{"type": "error", ...}` before closing with 4401/4403/4404, and
+a handshake beyond the rate limits with 4429.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["job_socket"]
 
 log = logging.getLogger(__name__)
 
-CLOSE_CODES = {401: 4401, 403: 4403, 404: 4404}
+CLOSE_CODES = {401: 4401, 403: 4403, 404: 4404, 429: 4429}
 
 
 def terminal_message(server, row: dict[str, Any]) -> dict[str, Any]:
