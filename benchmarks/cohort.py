@@ -83,6 +83,7 @@ def main() -> int:
     tiny = make_cohort(work / "tiny", 1, (16, 32, 32))[0]
     cfg = cm.JobConfig(model=args.model, formats=("mrc", "stats"), device="cpu")
 
+    load = [os.getloadavg()[0]]
     torch.set_num_threads(args.threads)
     local = LocalExecutor()
     local.submit(tiny, cfg).result(300)  # warm: model loaded
@@ -90,6 +91,7 @@ def main() -> int:
     lat_local = per_job_latency(local, tiny, cfg, args.tiny_runs)
     local.close()
 
+    load.append(os.getloadavg()[0])
     start = time.perf_counter()
     dask = DaskExecutor(workers=args.threads, out=work / "dask-jobs")
     t_cluster = time.perf_counter() - start
@@ -133,9 +135,14 @@ def main() -> int:
         "time T. For T = 60 s (a large tomogram on one GPU) that is "
         f"{63 * (60 + max(overhead, 0)) / 3600:.2f} h instead of {500 * 60 / 3600:.2f} h on one "
         f"GPU, {60 / (60 + max(overhead, 0)) * 100:.1f} % of perfect scaling; even for T = 5 s "
-        f"it is {5 / (5 + max(overhead, 0)) * 100:.0f} %. The scheduler is not the limit; "
-        "shared storage bandwidth (each worker reads its tomogram and writes its mask) is.",
+        f"it is {5 / (5 + max(overhead, 0)) * 100:.0f} %. At that scale the next thing to "
+        "watch is the shared storage (each worker reads its tomogram and writes its mask), "
+        "which this benchmark does not measure.",
         f"- One tomogram took {per_tomo:.1f} s here with the whole machine.",
+        "",
+        f"- Load average (1 min) at start / between / end: {load[0]:.1f} / {load[1]:.1f} / "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work on the machine shares "
+        "the cores and blurs the ratio).",
         "",
         "Reproduce: `python benchmarks/cohort.py` (needs `plugins/cryomamba-dask`).",
     ]
