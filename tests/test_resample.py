@@ -413,3 +413,33 @@ def test_resampling_further_than_eight_times_is_refused():
             model_voxel_size=(10.0,) * 3,
         )
     assert "bin" in info.value.hint
+
+
+@pytest.mark.slow
+def test_remote_job_takes_the_override_like_a_local_one(tmp_path, noise_volume):
+    pytest.importorskip("uvicorn")
+    from server_fixtures import LiveServer
+
+    from cryomamba.executors.remote import RemoteExecutor
+    from cryomamba.testing import make_model_folder
+
+    models = tmp_path / "models"
+    make_model_folder(models / "tiny", patch_size=(16, 16, 16), features=(4, 8, 16), seed=1)
+    path = write(tmp_path / "one_angstrom.mrc", noise_volume[:16, :24, :24], 1.0)
+    live = LiveServer(tmp_path / "data", models_dir=models, roots=[tmp_path]).start()
+    ex = RemoteExecutor(live.url, live.token("alice", "read,upload,submit"))
+    try:
+        job = ex.submit(path, cm.JobConfig(model="tiny", formats=()))
+        with pytest.raises(cm.JobFailedError) as info:
+            job.result(120)
+        assert info.value.code == "voxel_size_unknown"
+        result = ex.submit(path, cm.JobConfig(model="tiny", voxel_size=13.48, formats=())).result(
+            120
+        )
+    finally:
+        ex.close()
+        live.stop()
+    local = cm.segment(path, model=models / "tiny", voxel_size=13.48, formats=())
+    assert result.voxel_size == local.voxel_size == (13.48, 13.48, 13.48)
+    assert result.provenance["spacing"] == local.provenance["spacing"]
+    np.testing.assert_array_equal(np.asarray(result.labels), np.asarray(local.labels))

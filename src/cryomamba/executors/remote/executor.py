@@ -312,7 +312,8 @@ class RemoteExecutor:
         geometry = local if local is not None else mask
         result = Segmentation(
             labels=labels,
-            voxel_size=geometry.voxel_size,
+            # an override is the true voxel size, as with the local executor
+            voxel_size=config.voxel_size if config.voxel_size is not None else geometry.voxel_size,
             origin=geometry.origin,
             label_names=label_names,
             provenance=provenance,
