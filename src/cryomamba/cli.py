@@ -429,7 +429,7 @@ def _job_summary(provenance: dict[str, Any], config: cm.JobConfig) -> str:
     return ", ".join(parts)
 
 
-def _synthesize(shape: tuple[int, ...], **kwargs: Any) -> Any:
+def _synthesize(shape: tuple[int, int, int], **kwargs: Any) -> Any:
     from .synth import synthesize
 
     try:

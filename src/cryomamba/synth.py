@@ -313,10 +313,11 @@ def synthesize(
             center + off * dv for off, dv in zip(lobe_off, lobe_dirs, strict=True)
         ]
         radii = [radius, *lobe_r]
-        phi = None
+        phi: np.ndarray | None = None
         for c, r in zip(centers, radii, strict=True):
             dist = np.sqrt((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) - r
             phi = dist if phi is None else np.minimum(phi, dist)
+        assert phi is not None  # radii holds the body and its lobes: never empty
         density[box] += (-amplitude * 0.5 * (1.0 - np.tanh(phi / _EDGE_NM))).astype(np.float32)
         sub = labels[box]
         sub[(phi <= 0) & (sub == 0)] = 2

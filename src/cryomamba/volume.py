@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from mrcfile.dtypes import HEADER_DTYPE
@@ -59,6 +59,9 @@ _MAGIC = {  # first bytes of formats people mistake for MRC
     (b"\x89PNG", b"\xff\xd8\xff"): "a PNG or JPEG image",
     (b"NRRD",): "an NRRD file",
 }
+
+
+_V = TypeVar("_V", bound="Volume")
 
 
 @dataclass(frozen=True)
@@ -505,7 +508,7 @@ class Volume:
         """Drop this Volume's reference to the mapping; it is unmapped once no view is left."""
         self._data = self._mapped = None
 
-    def __enter__(self) -> Volume:
+    def __enter__(self: _V) -> _V:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -120,7 +120,7 @@ def file_identity(fd: int) -> list[int]:
     return [st.st_dev, st.st_ino]
 
 
-def open_job_source(source: Mapping[str, Any]) -> Volume:
+def open_job_source(source: Mapping[str, Any]) -> _FdVolume:
     """The job's source `Volume`, read from the very file that was checked at submit.
 
     `source` is the job's source record: its real `path` and the `identity` recorded at

@@ -238,7 +238,9 @@ class JobRunner:
                 job_id,
                 failure(RuntimeError("the executor completed without a result"), io_hint=""),
             )
-        source = self.storage.job(job_id)["source"]  # stats.json names files, not server paths:
+        row = self.storage.job(job_id)
+        assert row is not None  # the job's own record: it exists while the job runs
+        source = row["source"]  # stats.json names files, not server paths:
         result.provenance = public_provenance(result.provenance, source["filename"])
         try:
             paths = result.save(self.artifacts_dir / job_id, formats=config.formats)
