@@ -350,16 +350,24 @@ def test_the_tile_count_is_computed_without_listing_steps():
 
 
 # -- 3. header size and header-read time -----------------------------------------------------
-def test_a_huge_header_is_refused_with_431(server):
+def test_a_header_over_the_limit_is_answered_431(server):
+    head = b"GET /v1/server/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (70 << 10)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head)  # 70 KiB and no end of headers; the limit is 64 KiB
+        reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
+def test_a_huge_header_is_not_read_to_its_end(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(b"GET /v1/server/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
         sent = 0
-        with contextlib.suppress(OSError):  # the server may close while we still send
+        with contextlib.suppress(OSError):  # the server closes while we still send
             while sent < 64 << 20:
                 sock.sendall(b"a" * (1 << 20))
                 sent += 1 << 20
-        reply = read_until_closed(sock)
-    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+        reply = read_until_closed(sock)  # a 431, or a reset if our bytes were still unread
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 431 "), reply[:200]
     assert sent < 64 << 20  # refused long before 64 MiB were read
 
 
@@ -477,3 +485,28 @@ def test_stats_json_from_the_server_holds_names_and_checksums_not_paths(alice, s
     assert provenance["source"]["sha256"] == job["source"]["sha256"]
     assert "path" not in provenance["model"]
     assert provenance["model"]["name"] == "tiny" and provenance["model"]["sha256"]
+
+
+def test_a_job_source_is_read_from_the_open_file_and_closed_with_the_volume(tmp_path):
+    """The engine reads the file that was opened (even if its path changes meanwhile), and
+    closing the volume closes the descriptor."""
+    from cryomamba.errors import CryoMambaError
+    from cryomamba.server.paths import file_identity, open_job_source, open_nofollow
+
+    path = write_mrc(tmp_path / "a.mrc", SMALL, seed=1)
+    original, expected = path.read_bytes(), mrcfile.read(path)
+    fd = open_nofollow(str(path))
+    identity = file_identity(fd)
+    os.close(fd)
+    source = {"path": str(path), "identity": identity, "filename": "a.mrc", "sha256": None}
+    volume = open_job_source(source)
+    fd = volume.fd
+    os.replace(write_mrc(tmp_path / "b.mrc", SMALL, seed=2), path)  # swapped after opening
+    assert np.array_equal(volume.data, expected)
+    assert volume.checksum() == hashlib.sha256(original).hexdigest()
+    volume.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(CryoMambaError) as refused:  # the path names the new file now
+        open_job_source(source)
+    assert refused.value.code == "path_not_allowed" and str(tmp_path) not in str(refused.value)
