@@ -276,7 +276,7 @@ class RemoteExecutor:
         self, record: dict[str, Any], config: JobConfig, local: Volume | None
     ) -> Completed:
         """Download the artifacts (checked) and build the `Segmentation` from them."""
-        from ...artifacts import FORMATS
+        from ...config import ARTIFACT_FILES as FORMATS
 
         job_id = str(record["id"])
         available = dict(record.get("artifacts") or {})
