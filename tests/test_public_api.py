@@ -77,3 +77,11 @@ def test_real_mrc_copies_match_the_shared_collection():
         copy = here / src.relative_to(shared)
         assert copy.is_file(), f"{src.relative_to(shared)} is not copied into tests/data/real-mrc"
         assert copy.read_bytes() == src.read_bytes(), f"{copy} differs from {src}"
+
+
+def test_the_package_says_it_is_typed():
+    """PEP 561: type checkers read our annotations only if the package ships py.typed (the
+    wheel takes every file in src/cryomamba)."""
+    from importlib.resources import files
+
+    assert (files("cryomamba") / "py.typed").is_file()
