@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,14 @@ ARTIFACT_MEDIA_TYPES: dict[str, str] = {
     "overview.png": "image/png",
 }
 FORMATS: tuple[str, ...] = tuple(ARTIFACT_FILES)  # mrc, nifti, nrrd, stats, png
-_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
+# The rules' numbers, named once: validation below and the JSON Schema (config_schema.py)
+# both read them, so the server's OpenAPI document cannot drift from what JobConfig accepts.
+CHECKPOINTS: tuple[str, ...] = ("checkpoint_final.pth", "checkpoint_best.pth")
+_CHECKPOINTS = CHECKPOINTS
+FOLD_RANGE = (0, 999)
+TILE_BATCH_RANGE = (1, 64)
+PREVIEW_SCALE_RANGE = (1, 8)
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 # Below 0.1 every voxel lies in 1,000+ tiles (3D): 125x the work of nnU-Net's 0.5 for no
 # measurable gain, and a step like 1e-9 would make the tile-step lists billions long.
 MIN_TILE_STEP = 0.1
@@ -110,10 +118,12 @@ class JobConfig:
         if (
             not isinstance(self.tile_batch, int)
             or isinstance(self.tile_batch, bool)
-            or not 1 <= self.tile_batch <= 64
+            or not TILE_BATCH_RANGE[0] <= self.tile_batch <= TILE_BATCH_RANGE[1]
         ):
             raise ConfigError(
-                f"tile_batch must be an integer in 1..64, got {self.tile_batch!r}",
+                "tile_batch must be an integer in {}..{}, got {!r}".format(
+                    *TILE_BATCH_RANGE, self.tile_batch
+                ),
                 hint="1 suits a CPU; a few tiles per call can help a large GPU",
             )
         if not _is_number(self.preview_interval_s) or self.preview_interval_s < 0:
@@ -125,10 +135,12 @@ class JobConfig:
         if (
             not isinstance(self.preview_scale, int)
             or isinstance(self.preview_scale, bool)
-            or not 1 <= self.preview_scale <= 8
+            or not PREVIEW_SCALE_RANGE[0] <= self.preview_scale <= PREVIEW_SCALE_RANGE[1]
         ):
             raise ConfigError(
-                f"preview_scale must be an integer in 1..8, got {self.preview_scale!r}",
+                "preview_scale must be an integer in {}..{}, got {!r}".format(
+                    *PREVIEW_SCALE_RANGE, self.preview_scale
+                ),
                 hint="the preview is downsampled by this factor per axis; 4 is the default",
             )
         if self.resample not in RESAMPLE_MODES:
@@ -201,7 +213,8 @@ def _voxel_size(value: object) -> tuple[float, float, float]:
 
 def _is_fold(value: object) -> bool:
     """A fold number: an int (never a bool, which JSON's true/false become) in 0..999."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1000
+    lo, hi = FOLD_RANGE
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
 def _is_number(value: object) -> bool:
@@ -209,9 +222,4 @@ def _is_number(value: object) -> bool:
 
 
 def _valid_device(device: object) -> bool:
-    if not isinstance(device, str):
-        return False
-    if device in ("auto", "cpu", "cuda"):
-        return True
-    prefix, _, index = device.partition(":")
-    return prefix == "cuda" and index.isdigit()
+    return isinstance(device, str) and re.fullmatch(DEVICE_PATTERN, device) is not None

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._version import __version__
-from ..config import ARTIFACT_MEDIA_TYPES, FORMATS, VOXEL_SIZE_RANGE
+from ..config import ARTIFACT_MEDIA_TYPES
+from ..config_schema import job_config_schema
 
 __all__ = ["openapi_document"]
 
@@ -54,7 +55,7 @@ PARTS_RECEIVED = {  # the same shape in every answer: the indices the server hol
     "items": {"type": "integer", "minimum": 0},
     "description": "indices of the parts the server holds, ascending (all of them once completed)",
 }
-AUTH = [{"bearer": []}]
+AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -267,51 +268,9 @@ def _upload_init_schema(settings) -> dict[str, Any]:
 
 
 def _job_config_schema(models: Sequence[str], devices: Sequence[str]) -> dict[str, Any]:
-    """cryomamba.JobConfig's rules as JSON Schema, with this server's models and devices."""
-    model: dict[str, Any] = {"type": "string", "minLength": 1}
-    if models:
-        model["enum"] = list(models)
-    device: dict[str, Any] = {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]+)?)$"}
-    if devices:
-        device = {"type": "string", "enum": ["auto", *devices]}
-    lo, hi = VOXEL_SIZE_RANGE
-    voxel = {"type": "number", "minimum": lo, "maximum": hi}
-    return {
-        "type": "object",
-        "description": "cryomamba.JobConfig as JSON; every key is optional",
-        "additionalProperties": False,
-        "properties": {
-            "model": model,
-            "folds": {
-                "type": "array",
-                "items": {"type": "integer", "minimum": 0},
-                "minItems": 1,
-                "uniqueItems": True,
-                "nullable": True,
-            },
-            "checkpoint": {
-                "type": "string",
-                "enum": ["checkpoint_final.pth", "checkpoint_best.pth"],
-            },
-            "tile_step": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
-            "mirroring": {"type": "boolean"},
-            "fp16": {"type": "boolean"},
-            "device": device,
-            "tile_batch": {"type": "integer", "minimum": 1, "maximum": 64},
-            "preview_interval_s": {"type": "number", "minimum": 0},
-            "preview_scale": {"type": "integer", "minimum": 1, "maximum": 8},
-            "formats": {"type": "array", "items": {"type": "string", "enum": list(FORMATS)}},
-            "resample": {"type": "string", "enum": ["auto", "off"]},
-            "voxel_size": {
-                "description": "Å, overrides the file's header: one number or [z, y, x]",
-                "nullable": True,
-                "oneOf": [
-                    voxel,
-                    {"type": "array", "items": voxel, "minItems": 3, "maxItems": 3},
-                ],
-            },
-        },
-    }
+    """cryomamba.JobConfig as JSON Schema, generated from the dataclass and its rules, with
+    this server's models and devices."""
+    return job_config_schema(models=models, devices=devices)
 
 
 def _linked(response: dict[str, Any], links: dict[str, Any]) -> dict[str, Any]:
