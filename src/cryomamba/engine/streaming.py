@@ -13,7 +13,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ __all__ = ["Canceled", "GpuOutOfMemory", "StreamingPredictor"]
 log = logging.getLogger(__name__)
 
 _FINALIZE_PLANES = 4  # output planes divided and arg-maxed at a time
+_T = TypeVar("_T")
 ProgressFn = Callable[[int, int], None]
 PlanesFn = Callable[[int, int], None]
 ReleaseFn = Callable[[int, int], None]
@@ -66,9 +68,7 @@ class StreamingPredictor:
         """The tile grid for an uncropped volume of `shape` (an upper bound on the work)."""
         tf = self.model.transpose_forward
         return TileGrid.build(
-            tuple(shape[i] for i in tf),
-            self.model.patch_size,  # type: ignore[arg-type]
-            self.tile_step,
+            (shape[tf[0]], shape[tf[1]], shape[tf[2]]), self.model.patch_size, self.tile_step
         )
 
     @torch.inference_mode()
@@ -326,9 +326,19 @@ class StreamingPredictor:
             for flip in combos:
                 prediction += torch.flip(net(torch.flip(x, flip)), flip)
             prediction /= len(combos) + 1
-        return prediction
+        out: torch.Tensor = prediction
+        return out
 
-    def _finalize(self, logits, weights, base, end, grid: TileGrid, out_region, n_folds) -> None:
+    def _finalize(
+        self,
+        logits: torch.Tensor,
+        weights: torch.Tensor,
+        base: int,
+        end: int,
+        grid: TileGrid,
+        out_region: np.ndarray,
+        n_folds: int,
+    ) -> None:
         """Divide, ensemble, arg-max planes [base, end) (padded z) and write the un-padded part."""
         (bz, by, bx), (sz, sy, sx) = grid.pad_below, grid.shape
         lo, hi = max(base, bz), min(end, bz + sz)
@@ -341,7 +351,14 @@ class StreamingPredictor:
             )
 
     @staticmethod
-    def _labels(logits, weights, a, b, crop, n_folds) -> np.ndarray:
+    def _labels(
+        logits: torch.Tensor,
+        weights: torch.Tensor,
+        a: int,
+        b: int,
+        crop: tuple[int, int, int, int],
+        n_folds: int,
+    ) -> np.ndarray:
         by, bx, sy, sx = crop
         pred = StreamingPredictor._mean_logits(logits, weights, a, b, n_folds)
         return pred[:, :, by : by + sy, bx : bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
@@ -366,7 +383,14 @@ class StreamingPredictor:
         return pred
 
 
-def _tile(region, grid: TileGrid, z: int, y: int, x: int, normalize) -> np.ndarray:
+def _tile(
+    region: Any,
+    grid: TileGrid,
+    z: int,
+    y: int,
+    x: int,
+    normalize: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
     """One normalized input tile (1, pz, py, px) at padded position (z, y, x).
 
     Read straight from the (memory-mapped) source and normalized on the fly; the padding
@@ -381,7 +405,8 @@ def _tile(region, grid: TileGrid, z: int, y: int, x: int, normalize) -> np.ndarr
         src.append(slice(a, b))
         dst.append(slice(a + pad - start, b + pad - start))
     block = np.array(region[tuple(src)], dtype=np.float32)
-    tile[(0, *dst)] = normalize(block)
+    index: tuple[int | slice, ...] = (0, *dst)
+    tile[index] = normalize(block)
     return tile
 
 
@@ -397,7 +422,8 @@ def _model_tile(
         src.append((a, b))
         dst.append(slice(a + pad - start, b + pad - start))
     (za, zb), (ya, yb), (xa, xb) = src
-    tile[(0, *dst)] = planes[za - first : zb - first, ya:yb, xa:xb]
+    index: tuple[int | slice, ...] = (0, *dst)
+    tile[index] = planes[za - first : zb - first, ya:yb, xa:xb]
     return tile
 
 
@@ -419,14 +445,15 @@ class _autocast:
     def __init__(self, device: torch.device, enabled: bool) -> None:
         self._ctx = torch.autocast(device.type, enabled=True) if enabled else None
 
-    def __enter__(self):
-        return self._ctx.__enter__() if self._ctx else None
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()  # type: ignore[no-untyped-call]  # torch leaves it untyped
 
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc) if self._ctx else False
+    def __exit__(self, *exc: Any) -> bool:
+        return bool(self._ctx.__exit__(*exc)) if self._ctx is not None else False
 
 
-def _batched(items: list, n: int):
+def _batched(items: list[_T], n: int) -> Iterator[list[_T]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
 
