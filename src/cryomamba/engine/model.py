@@ -177,9 +177,7 @@ def _read_json(path: Path, name: str) -> dict[str, Any]:
     return data
 
 
-def _check_plans(
-    path: Path, plans: dict[str, Any], dataset: dict[str, Any]
-) -> dict[str, Any]:
+def _check_plans(path: Path, plans: dict[str, Any], dataset: dict[str, Any]) -> dict[str, Any]:
     config = plans.get("configurations", {}).get(CONFIGURATION)
     if config is None:
         have = ", ".join(plans.get("configurations", {})) or "none"
