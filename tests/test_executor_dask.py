@@ -42,6 +42,7 @@ def dask_client(tmp_path_factory):
         threads_per_worker=1,
         processes=True,
         dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # not 8787: it may be taken
         local_directory=str(tmp_path_factory.mktemp("dask")),
         env={"OMP_NUM_THREADS": "1"},
     )

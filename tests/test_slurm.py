@@ -74,7 +74,7 @@ def slurm_config(slurm):
         "jobqueue.slurm.local-directory": str(slurm / "dask-local"),
         "jobqueue.slurm.log-directory": str(slurm / "dask-logs"),
         "jobqueue.slurm.worker-extra-args": ["--resources", "GPU=1"],  # a GPU slot per job
-        "jobqueue.slurm.scheduler-options": {"dashboard_address": None},
+        "jobqueue.slurm.scheduler-options": {"dashboard": False, "dashboard_address": ":0"},
         "jobqueue.slurm.job-script-prologue": ["export OMP_NUM_THREADS=1"],
     }
     with dask.config.set(settings):

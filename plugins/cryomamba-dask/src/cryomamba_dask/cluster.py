@@ -25,6 +25,9 @@ __all__ = ["ClusterError", "Connection", "connect", "local_cluster_shape"]
 log = logging.getLogger(__name__)
 
 
+_QUIET_HTTP = "127.0.0.1:0"
+
+
 class ClusterError(CryoMambaError, ConnectionError):
     """The Dask scheduler cannot be reached, or a cluster cannot be started."""
 
@@ -118,6 +121,9 @@ def _local(workers: int | None, local_directory: str | None) -> Connection:
     common: dict[str, Any] = {
         "processes": True,
         "dashboard_address": None,
+        # no dashboard, and its HTTP routes on a free loopback port (not 8787, which another
+        # cluster may hold: distributed would warn and move)
+        "scheduler_kwargs": {"dashboard_address": _QUIET_HTTP},
         "local_directory": local_directory,
     }
     if gpus and workers is None:
@@ -156,7 +162,10 @@ def _pinned_gpu_cluster(gpus: int, common: dict[str, Any]) -> Any:
         }
         for d in devices
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"dashboard": False, "dashboard_address": _QUIET_HTTP},
+    }
     return SpecCluster(workers=workers, scheduler=scheduler)
 
 
