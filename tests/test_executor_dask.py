@@ -232,3 +232,21 @@ def test_segment_many_on_dask_equals_local_and_a_rerun_skips(
         np.testing.assert_array_equal(a.data, b.data)
     again = cm.segment_many(folder, cfg, out=tmp_path / "dask", executor=dask_executor)
     assert [i.state for i in again] == ["skipped"] * 3 + ["failed"]
+
+
+def test_batch_command_on_a_running_scheduler(dask_client, tiny_model, tmp_path, mrc_file, capsys):
+    from cryomamba.cli import main
+    from cryomamba.executors import base
+
+    address = dask_client.scheduler.address
+    out = tmp_path / "segs"
+    argv = ["batch", str(mrc_file), "-o", str(out), "--model", str(tiny_model), "-q"]
+    try:
+        assert main([*argv, "--executor", "dask", "--cluster", address]) == 0
+    finally:  # the executor the command built stays cached per options: close it here
+        for key in [k for k in base._shared if k[0] == "dask"]:
+            base._shared.pop(key).close()
+    assert (out / "tomo" / "mask.mrc").is_file()
+    assert "summary.csv" in capsys.readouterr().out
+    assert main([*argv, "--cluster", address]) == 2  # --cluster without --executor dask
+    assert "--executor dask" in capsys.readouterr().err
