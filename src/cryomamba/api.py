@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import JobConfig
-from .executors.base import get_executor
+from .events import Event
+from .executors.base import Executor, get_executor
 from .job import Job
 from .segmentation import Segmentation
+from .sinks.base import Sink
+
+SinkLike = Sink | Callable[[Event], Any] | str
+"""A sink, a function called with each event, or a registered sink's name ("file", ...)."""
 
 __all__ = ["segment", "submit"]
 
@@ -18,8 +23,8 @@ def submit(
     source: Any,
     config: JobConfig | None = None,
     *,
-    executor: Any = "local",
-    sinks: Sequence[Any] = (),
+    executor: str | Executor = "local",
+    sinks: Sequence[SinkLike] = (),
     **executor_options: Any,
 ) -> Job:
     """Start segmenting `source` (a `Volume`, an MRC path or a 3D array) and return its `Job`.
@@ -37,8 +42,8 @@ def segment(
     source: Any,
     model: str | os.PathLike[str] = "demo-membrane",
     *,
-    executor: Any = "local",
-    sinks: Sequence[Any] = (),
+    executor: str | Executor = "local",
+    sinks: Sequence[SinkLike] = (),
     timeout: float | None = None,
     executor_options: dict[str, Any] | None = None,
     **config: Any,
