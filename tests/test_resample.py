@@ -443,3 +443,16 @@ def test_remote_job_takes_the_override_like_a_local_one(tmp_path, noise_volume):
     assert result.voxel_size == local.voxel_size == (13.48, 13.48, 13.48)
     assert result.provenance["spacing"] == local.provenance["spacing"]
     np.testing.assert_array_equal(np.asarray(result.labels), np.asarray(local.labels))
+
+
+def test_a_wide_axis_map_is_built_without_its_dense_matrix():
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        amap = AxisMap.build(3000, 4050, order=3)  # dense float64: 97 MB, and its temporaries
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20, peak
+    assert amap.taps <= 24 and amap.needed().tolist() == list(range(3000))

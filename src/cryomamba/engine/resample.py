@@ -35,7 +35,7 @@ import torch
 __all__ = ["AxisMap", "LogitsToSource", "ResamplePlan", "ResampledInput"]
 
 _TAP_CUTOFF = 1e-5  # spline weights below this share of a row's largest are dropped
-_MATRIX_BLOCK = 256  # identity columns resampled at a time while building a map
+_MATRIX_BLOCK = 128  # identity columns resampled at a time while building a map
 _DENSE_LIMIT = 4 << 20  # in-plane maps up to this many entries (16 MiB) run as a matmul
 
 
@@ -76,18 +76,19 @@ class AxisMap:
             )
             idx = np.rint(picked).astype(np.int64)[:, None]
             return cls(n_in, n_out, idx, np.ones((n_out, 1), np.float32), True)
-        return cls._from_matrix(n_in, n_out, _matrix(n_in, n_out, order))
-
-    @classmethod
-    def _from_matrix(cls, n_in: int, n_out: int, m: np.ndarray) -> AxisMap:
-        keep = np.abs(m) > _TAP_CUTOFF * np.abs(m).max(axis=1, keepdims=True)
-        first = keep.argmax(axis=1)
-        last = n_in - 1 - keep[:, ::-1].argmax(axis=1)
+        rows, cols, values = _entries(n_in, n_out, order)
+        peak = np.zeros(n_out)
+        np.maximum.at(peak, rows, np.abs(values))
+        keep = np.abs(values) > _TAP_CUTOFF * peak[rows]
+        rows, cols, values = rows[keep], cols[keep], values[keep]
+        first = np.full(n_out, n_in - 1, dtype=np.int64)
+        last = np.zeros(n_out, dtype=np.int64)
+        np.minimum.at(first, rows, cols)
+        np.maximum.at(last, rows, cols)
         taps = int((last - first).max()) + 1
-        idx = first[:, None] + np.arange(taps)[None]
-        inside = (idx <= last[:, None]) & (idx < n_in)
-        idx = np.minimum(idx, n_in - 1)
-        w = np.where(inside, np.take_along_axis(m, idx, axis=1), 0.0).astype(np.float32)
+        idx = np.minimum(first[:, None] + np.arange(taps)[None], n_in - 1)
+        w = np.zeros((n_out, taps), dtype=np.float32)
+        w[rows, cols - first[rows]] = values
         return cls(n_in, n_out, idx.astype(np.int64), w)
 
     @property
@@ -169,20 +170,26 @@ class AxisMap:
         return out
 
 
-def _matrix(n_in: int, n_out: int, order: int) -> np.ndarray:
-    """The (n_out, n_in) matrix of skimage's 1D `resize` (nnU-Net's settings, no clipping)."""
+def _entries(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero entries (row, column, value) of the (n_out, n_in) matrix of skimage's 1D
+    `resize` with nnU-Net's settings (no clipping), built a block of columns at a time so a
+    wide axis never needs the whole dense matrix."""
     from skimage.transform import resize
 
-    m = np.empty((n_out, n_in), dtype=np.float64)
+    rows, cols, values = [], [], []
     for a in range(0, n_in, _MATRIX_BLOCK):
         b = min(a + _MATRIX_BLOCK, n_in)
         eye = np.zeros((n_in, b - a), dtype=np.float64)
         eye[np.arange(a, b), np.arange(b - a)] = 1.0
         # along axis 1 the size does not change: the interpolating spline returns the samples
-        m[:, a:b] = resize(
+        block = resize(
             eye, (n_out, b - a), order=order, mode="edge", anti_aliasing=False, clip=False
         )
-    return m
+        r, c = np.nonzero(np.abs(block) > 1e-12)
+        rows.append(r)
+        cols.append(c + a)
+        values.append(block[r, c])
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(values)
 
 
 @dataclass(frozen=True)
