@@ -412,7 +412,15 @@ def test_resampling_further_than_eight_times_is_refused():
             from_file=True,
             model_voxel_size=(10.0,) * 3,
         )
-    assert "bin" in info.value.hint
+    assert "bin" in info.value.hint and "resample='off'" in info.value.hint
+    off = decide_spacing(
+        voxel_size=(1.2,) * 3,
+        voxel_size_known=True,
+        from_file=True,
+        model_voxel_size=(10.0,) * 3,
+        resample="off",
+    )
+    assert off.resample is False and off.engine_spacing is None
 
 
 @pytest.mark.slow

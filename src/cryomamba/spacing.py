@@ -138,7 +138,8 @@ def decide_spacing(
             f"{name}: voxel size {_fmt(used)} Å is {factor:.3g}× from the model's "
             f"{_fmt(model)} Å; CryoMamba resamples by at most {MAX_RESAMPLE_FACTOR:g}× per axis",
             hint="bin (or upsample) the tomogram towards the model's voxel size first, check "
-            "voxel_size for a typo (Å, not nm), or choose a model trained nearer this voxel size",
+            "voxel_size for a typo (Å, not nm), choose a model trained nearer this voxel size, "
+            "or pass resample='off' to run at the tomogram's own",
         )
     if resample == "off" and any(
         abs(u / m - 1.0) > _WARN_RATIO for u, m in zip(used, model, strict=True)
