@@ -510,3 +510,13 @@ def test_a_job_source_is_read_from_the_open_file_and_closed_with_the_volume(tmp_
     with pytest.raises(CryoMambaError) as refused:  # the path names the new file now
         open_job_source(source)
     assert refused.value.code == "path_not_allowed" and str(tmp_path) not in str(refused.value)
+
+
+def test_a_failure_in_the_worker_names_the_file_not_its_descriptor(alice, root):
+    path = root / "no-voxel-size.mrc"
+    with mrcfile.new(path, overwrite=True) as mrc:  # no voxel size: the worker refuses it
+        mrc.set_data(np.random.default_rng(3).normal(size=SMALL).astype(np.float32))
+    done = wait_for(alice, submit(alice, "no-voxel-size.mrc")["id"])
+    assert done["state"] == "failed" and done["error"]["code"] == "voxel_size_unknown", done
+    assert "no-voxel-size.mrc" in done["error"]["message"]
+    assert "/proc" not in str(done["error"]) and str(root) not in str(done["error"])

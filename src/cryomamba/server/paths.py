@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any
 
 from ..errors import CryoMambaError
@@ -139,6 +139,16 @@ def open_job_source(source: Mapping[str, Any]) -> _FdVolume:
         raise
 
 
+class _OpenFilePath(PosixPath):
+    """/proc/self/fd/N that calls itself by the file's name, so messages name the file."""
+
+    display_name = ""
+
+    @property
+    def name(self) -> str:
+        return self.display_name or super().name
+
+
 class _FdVolume(Volume):
     """A `Volume` read through an open descriptor; closing it closes the descriptor too."""
 
@@ -160,6 +170,9 @@ class _FdVolume(Volume):
             raise
         assert isinstance(volume, _FdVolume)
         volume._fd = fd
+        named = _OpenFilePath(where)  # reads the open file; `.name` is the file's for messages
+        named.display_name = name
+        volume.path = named
         return volume
 
     @property
