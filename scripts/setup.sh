@@ -2,9 +2,34 @@
 # Set up a virtual environment in .venv with CryoMamba, its napari plugin and everything the
 # tests need, plus the Debian packages a headless napari needs (Xvfb, Mesa, xcb libraries).
 # Idempotent: a second run only checks. Usage: bash scripts/setup.sh
+#
+# `bash scripts/setup.sh core` (what scripts/demo.sh runs) installs only what the command line
+# needs: CPU PyTorch and CryoMamba with its core dependencies, no extras, no Debian packages.
+# The full set-up later adds the rest to the same .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+MODE=${1:-all}
+case $MODE in all | core) ;; *) echo "usage: bash scripts/setup.sh [core]" >&2; exit 2 ;; esac
+full_stamp=.venv/.cryomamba-setup
+core_stamp=.venv/.cryomamba-core
+want_full=$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh \
+  plugins/napari-cryomamba/pyproject.toml plugins/cryomamba-dask/pyproject.toml | sha256sum | cut -c1-16)
+want_core=$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
+done_already() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+
+if [ "$MODE" = core ]; then
+  if done_already "$full_stamp" "$want_full" || done_already "$core_stamp" "$want_core"; then
+    exit 0
+  fi
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  echo "setting up .venv for the demo (first run only; a minute or two)..." >&2
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet torch==2.13.0
+  .venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e .
+  echo "$want_core" >"$core_stamp"
+  exit 0
+fi
 
 # Debian packages for napari under Xvfb (docs: ENVIRONMENT "napari, headless"). Installed only
 # when missing, with --no-upgrade so the system's Mesa is left alone. Without root or apt-get
@@ -45,10 +70,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-stamp=.venv/.cryomamba-setup
-want=$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh \
-  plugins/napari-cryomamba/pyproject.toml plugins/cryomamba-dask/pyproject.toml | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+if done_already "$full_stamp" "$want_full"; then
   exit 0
 fi
 echo "setting up .venv (first run only; a few minutes)..." >&2
@@ -57,5 +79,5 @@ echo "setting up .venv (first run only; a few minutes)..." >&2
 "$VPY" -m pip install --quiet torch==2.13.0
 "$VPY" -m pip install --quiet -c scripts/constraints.txt -e ".[dev,server,napari,napari-dev,dask]" \
   -e plugins/napari-cryomamba -e plugins/cryomamba-dask
-echo "$want" > "$stamp"
+echo "$want_full" > "$full_stamp"
 echo "set-up done" >&2

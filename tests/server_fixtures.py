@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`python -m cryomamba.serve` in a subprocess, with its log captured to a file."""
+    """`python -m cryomamba.serve` (or `entry`) in a subprocess, its log captured to a file."""
 
     def __init__(
         self,
@@ -55,7 +55,9 @@ class LiveServer:
         roots: list[Path] = (),
         extra_args: list[str] = (),
         env: dict[str, str] | None = None,
+        entry: tuple[str, ...] = ("-m", "cryomamba.serve"),
     ) -> None:
+        self.entry = tuple(entry)  # or ("-m", "cryomamba", "serve"): the same server
         self.data_dir = Path(data_dir)
         self.models_dir = models_dir
         self.roots = list(roots)
@@ -67,7 +69,7 @@ class LiveServer:
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "cryomamba.serve", "--data-dir", str(self.data_dir)]
+        cmd = [sys.executable, *self.entry, "--data-dir", str(self.data_dir)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         for root in self.roots:
             cmd += ["--root", str(root)]

@@ -13,7 +13,6 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-from PIL import Image
 
 from cryomamba import artifacts
 from cryomamba.artifacts import (
@@ -22,7 +21,6 @@ from cryomamba.artifacts import (
     write_mrc,
     write_nifti,
     write_nrrd,
-    write_overview_png,
     write_stats_json,
 )
 from cryomamba.errors import InvalidVolumeError, OutputError
@@ -100,32 +98,6 @@ def test_nrrd_axes_spacing_and_units(tmp_path, labels):
     np.testing.assert_allclose(header["space origin"], [0.01, 0.02, -0.03])
     assert list(header["sizes"]) == [9, 7, 6]  # x fastest
     assert header["space units"] == ["microns"] * 3 and header["encoding"] == "gzip"
-
-
-def test_overview_png_panels_aspect_and_overlay(tmp_path):
-    lab = np.zeros((10, 20, 30), np.uint8)
-    lab[:, 8:12, 10:20] = 1
-    image = np.random.default_rng(0).normal(size=lab.shape).astype(np.float32)
-    path = write_overview_png(tmp_path / "o.png", image, lab, voxel_size=(20.0, 10.0, 10.0))
-    with Image.open(path) as png:
-        assert png.format == "PNG" and png.mode == "RGB"
-        rgb = np.asarray(png)
-    # XY 20x30, XZ 20 (10 planes x 2) x 30, YZ 20 x 20, 4 px gaps, 14 px caption strip
-    assert rgb.shape == (14 + 20 + 8, 30 + 30 + 20 + 16, 3)
-    top = 14 + 4
-    xy = rgb[top : top + 20, 4:34].astype(int)
-    red = xy[..., 0] - xy[..., 2]  # label 1 is tinted red; grey background is not
-    assert red[10, 15] > 50 and abs(red[2, 2]) < 5
-    xz = rgb[top : top + 20, 38:68].astype(int)
-    assert (xz[..., 0] - xz[..., 2] > 50)[:, 10:20].all()  # every display row of XZ is tinted
-
-
-def test_overview_png_without_image_and_refuses_mismatched_shapes(tmp_path, labels):
-    write_overview_png(tmp_path / "o.png", None, labels, voxel_size=VOXEL)
-    with Image.open(tmp_path / "o.png") as png:
-        assert png.size[0] > 0
-    with pytest.raises(ValueError, match="shape"):
-        write_overview_png(tmp_path / "x.png", np.zeros((2, 2, 2)), labels, voxel_size=VOXEL)
 
 
 def test_stats_json_converts_numpy_values(tmp_path):
@@ -239,6 +211,7 @@ def test_public_api():
     assert set(artifacts.__all__) == {
         "FORMATS",
         "check_output_dir",
+        "existing_artifacts",
         "save_artifacts",
         "write_mrc",
         "write_nifti",
@@ -258,3 +231,28 @@ def test_check_output_dir_refuses_a_path_below_a_file_and_creates_nothing(tmp_pa
         check_output_dir(tmp_path / "file.txt" / "out")
     check_output_dir(tmp_path / "new" / "deeper")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_check_output_dir_refuses_a_folder_that_cannot_be_created_even_for_root():
+    from cryomamba.artifacts import check_output_dir
+
+    with pytest.raises(OutputError, match="cannot create output folder /proc/cryomamba-x"):
+        check_output_dir("/proc/cryomamba-x")
+
+
+def test_check_output_dir_leaves_an_existing_folder_as_it_was(tmp_path):
+    from cryomamba.artifacts import check_output_dir
+
+    (tmp_path / "keep.txt").write_text("x")
+    check_output_dir(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_existing_artifacts_names_the_files_a_save_would_replace(tmp_path, labels):
+    from cryomamba.artifacts import existing_artifacts
+
+    assert existing_artifacts(tmp_path / "new", FORMATS) == []
+    save_artifacts(tmp_path, labels, voxel_size=VOXEL, formats=["mrc", "stats"])
+    assert existing_artifacts(tmp_path, FORMATS) == [tmp_path / "mask.mrc", tmp_path / "stats.json"]
+    assert existing_artifacts(tmp_path, ["png"]) == []

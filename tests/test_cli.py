@@ -89,7 +89,47 @@ def test_segment_writes_every_artifact_that_reads_back(capsys, tmp_path, tomogra
     for name in ARTIFACTS:
         assert name in stdout
     assert "segmented tomo.mrc" in stdout
-    assert "on cpu" in stdout
+    assert "device cpu, float32, tile step 1, mirroring (TTA) off" in stdout
+    # one measurement: the seconds printed are stats.json's, and fp16 says what ran
+    provenance = stats["provenance"]
+    assert provenance["config"]["fp16"] is False and provenance["device"] == "cpu"
+    assert f"mirroring (TTA) off, {provenance['seconds']:.1f} s" in stdout
+
+
+def test_the_summary_says_how_the_job_ran(capsys, tmp_path, tomogram, model):
+    out = tmp_path / "out"
+    argv = segment_args(tomogram, out, model, "--tile-step", "0.75", "--tta", "--formats", "stats")
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0
+    assert "device cpu, float32, tile step 0.75, mirroring (TTA) on" in stdout
+    config = json.loads((out / "stats.json").read_text())["provenance"]["config"]
+    assert config["mirroring"] is True and config["tile_step"] == 0.75
+    assert main(["segment", "--help"]) == 0
+    assert "--no-tta" in capsys.readouterr().out
+
+
+def test_existing_results_are_kept_unless_overwrite(capsys, tmp_path, tomogram, model):
+    out = tmp_path / "out"
+    argv = segment_args(tomogram, out, model, "--tile-step", "1", "--formats", "stats")
+    assert run(capsys, *argv)[0] == 0
+    before = (out / "stats.json").read_text()
+    (out / "stats.json").write_text("earlier results")
+
+    code, stdout, err = run(capsys, *argv)
+    assert code == 2 and stdout == ""
+    assert_one_error(err, f"{out} already holds results: stats.json")
+    assert "hint: pass --overwrite" in err
+    assert (out / "stats.json").read_text() == "earlier results"
+    # results of other formats do not stand in the way
+    assert (
+        run(capsys, *segment_args(tomogram, out, model, "--tile-step", "1", "--formats", "mrc"))[0]
+        == 0
+    )
+
+    code, _, err = run(capsys, *argv, "--overwrite")
+    assert code == 0 and "replacing stats.json" in err
+    assert (out / "stats.json").read_text() != "earlier results"
+    assert json.loads((out / "stats.json").read_text())["labels"] == json.loads(before)["labels"]
 
 
 def test_segment_formats_mrc_quiet_verbose(capsys, tmp_path, tomogram, model):
@@ -160,6 +200,12 @@ BAD_INPUT = {
     "unknown format": (["{tomo}", "--formats", "mrc,jpeg"], "jpeg"),
     "bad folds": (["{tomo}", "--folds", "zero"], "--folds"),
     "bad device": (["{tomo}", "--device", "gpu"], "device"),
+    "a folder": (["{real}"], "is a folder, not an MRC file"),
+    "an image stack": (["{real}/tomodrgn_float16_stack.mrcs"], "is an image stack, not a tomogram"),
+    "a folder that is no model": (
+        ["{tomo}", "--model", "{tmp}"],
+        "not an nnU-Net v2 trained-model",
+    ),
 }
 
 
@@ -175,6 +221,41 @@ def test_bad_input_is_one_error_line_and_exit_2(capsys, tmp_path, tomogram, mode
     assert_one_error(err, needle)
     assert stdout == ""
     assert not out.exists()
+
+
+def test_each_refusal_has_a_hint_in_plain_words(capsys, tmp_path, tomogram):
+    code, _, err = run(capsys, "segment", REAL_MRC, "-o", tmp_path / "out")
+    assert code == 2 and re.search(
+        r"^hint: Pass one tomogram file, not a folder: e\.g\. ", err, re.M
+    )
+    code, _, err = run(capsys, "segment", tomogram, "-o", tmp_path / "out", "--model", tmp_path)
+    assert code == 2 and "dataset.json needs" not in err and "fold_N" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_cannot_be_created_is_refused_before_the_job(
+    capsys, tomogram, model, monkeypatch
+):
+    monkeypatch.setattr(LocalExecutor, "submit", lambda *a, **k: pytest.fail("job submitted"))
+    code, _, err = run(capsys, *segment_args(tomogram, Path("/proc/cryomamba-x"), model))
+    assert code == 2
+    assert_one_error(err, "cannot create output folder /proc/cryomamba-x")
+
+
+def test_a_missing_gpu_is_refused_before_the_job_in_plain_words(
+    capsys, tmp_path, tomogram, model, monkeypatch
+):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setattr(LocalExecutor, "submit", lambda *a, **k: pytest.fail("job submitted"))
+    argv = ["segment", tomogram, "-o", tmp_path / "out", "--model", model, "--device", "cuda"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert_one_error(err, "no GPU that PyTorch can use")
+    assert "hint: run on the CPU instead" in err and "device=" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_model_hint_lists_the_registered_models(capsys, tmp_path, tomogram):
@@ -230,6 +311,31 @@ def test_info_json(capsys):
     assert meta["voxel_size"] == pytest.approx([7.84] * 3)
 
 
+def test_info_prints_only_the_labels_the_header_counts(capsys):
+    code, stdout, _ = run(capsys, "info", REAL_MRC / "imp_mini_nan_stats.mrc")  # nlabl 0
+    assert code == 0 and "invalid string" not in stdout
+    assert re.search(r"│ labels +│ — +│", stdout), stdout
+
+
+def test_info_marks_an_image_stack(capsys):
+    code, stdout, _ = run(capsys, "info", "--json", REAL_MRC / "tomodrgn_float16_stack.mrcs")
+    assert code == 0
+    assert "stack of 37 2D images" in json.loads(stdout)["image_stack"]
+
+
+def test_info_into_a_reader_that_stops_early_ends_quietly():
+    """`cryomamba info x.mrc | head -1`: no `Broken pipe` error, exit code 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cryomamba", "info", str(REAL_MRC / "tardis_mrc3D_mode0.mrc")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the table is printed
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err == b""
+
+
 def test_info_json_has_no_nan(capsys):
     code, stdout, _ = run(capsys, "info", "--json", REAL_MRC / "imp_mini_nan_stats.mrc")
     assert code == 0
@@ -266,6 +372,32 @@ def test_synth_rejects_a_bad_shape(capsys, tmp_path):
     assert code == 2
     assert_one_error(err, "shape")
     assert not (tmp_path / "x.mrc").exists()
+
+
+def test_synth_refuses_a_shape_beyond_memory_before_allocating(capsys, tmp_path, monkeypatch):
+    from cryomamba import synth
+
+    monkeypatch.setattr(np, "zeros", lambda *a, **k: pytest.fail("allocated"))
+    code, _, err = run(capsys, "synth", tmp_path / "x.mrc", "--shape", "100000,100000,100000")
+    assert code == 2
+    assert_one_error(err, "100000×100000×100000 synthetic tomogram needs about 56.0 PB")
+    assert "bug" not in err and "hint: choose a smaller shape" in err
+    monkeypatch.setattr(synth, "_available_memory", lambda: 10**9)
+    code, _, err = run(capsys, "synth", tmp_path / "x.mrc", "--shape", "128,512,512")
+    assert code == 2 and "and only 1.0 GB is available" in err
+
+
+def test_out_of_memory_is_not_called_a_bug(capsys, tmp_path, monkeypatch):
+    from cryomamba import synth
+
+    def oom(*args, **kwargs):
+        raise MemoryError("Unable to allocate 3.55 PiB")
+
+    monkeypatch.setattr(synth, "synthesize", oom)
+    code, _, err = run(capsys, "synth", tmp_path / "x.mrc")
+    assert code == 2
+    assert_one_error(err, "out of memory: Unable to allocate 3.55 PiB")
+    assert "bug" not in err
 
 
 # -- demo and the entry points -------------------------------------------------------------

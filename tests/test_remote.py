@@ -621,3 +621,19 @@ def test_temporary_downloads_go_with_the_result_or_at_close(
         ex.close()
     assert list(tmp.iterdir()) == []  # closing the executor removes what is left
     np.testing.assert_array_equal(np.asarray(kept.labels), labels)  # still readable (POSIX)
+
+
+def test_a_server_that_never_answered_fails_fast_with_default_retries(mrc_file):
+    """A wrong URL or a server that is down: seconds, not the backoff of every retry (33 s)."""
+    url = f"http://127.0.0.1:{free_port()}"
+    ex = RemoteExecutor(url, "t")
+    start = time.monotonic()
+    try:
+        job = ex.submit(mrc_file, JobConfig(model="tiny"))
+        assert job.wait(30)
+    finally:
+        ex.close()
+    failed = job.terminal_event
+    assert isinstance(failed, Failed) and failed.code == "server_unreachable"
+    assert url in failed.message and "cryomamba serve" in failed.hint
+    assert time.monotonic() - start < 10

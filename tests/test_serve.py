@@ -1,4 +1,4 @@
-"""`python -m cryomamba.serve`: flags and environment, JSON logs with request ids, TLS warning."""
+"""The server's two entry points: flags and environment, JSON log lines, the TLS warning."""
 
 from __future__ import annotations
 
@@ -48,6 +48,29 @@ def test_binding_beyond_loopback_without_tls_warns(tmp_path):
     assert any("without TLS" in r["message"] and "0.0.0.0" in r["message"] for r in warnings)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "entry", [("-m", "cryomamba.serve"), ("-m", "cryomamba", "serve")], ids=["module", "cli"]
+)
+def test_both_entry_points_log_the_same_json_lines(tmp_path, entry):
+    """Boot line, access lines, the TLS warning once: every line one JSON object."""
+    server = LiveServer(tmp_path / "data", extra_args=["--host", "0.0.0.0"], entry=entry)
+    server.start()
+    try:
+        with server.client() as client:
+            assert client.get("/v1/healthz", headers={"X-Request-ID": "probe-1"}).is_success
+    finally:
+        server.stop()
+    text = server.log()
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = _json_lines(text)
+    assert len(records) == len(lines), text  # no rich block, no plain-text line
+    assert sum("without TLS" in r["message"] for r in records) == 1, text
+    assert any(r["logger"] == "cryomamba.server.app" and "boot" in r["message"] for r in records)
+    access = [r for r in records if r.get("request_id") == "probe-1"]
+    assert access and access[0]["path"] == "/v1/healthz" and access[0]["status"] == 200
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -57,9 +80,10 @@ def test_binding_beyond_loopback_without_tls_warns(tmp_path):
         (["--ssl-certfile", "cert.pem"], "TLS needs both"),
     ],
 )
-def test_bad_settings_are_one_clear_error(tmp_path, args, message):
+@pytest.mark.parametrize("entry", [["cryomamba.serve"], ["cryomamba", "serve"]])
+def test_bad_settings_are_one_clear_error(tmp_path, args, message, entry):
     proc = subprocess.run(
-        [sys.executable, "-m", "cryomamba.serve", "--data-dir", str(tmp_path / "d"), *args],
+        [sys.executable, "-m", *entry, "--data-dir", str(tmp_path / "d"), *args],
         capture_output=True,
         text=True,
         timeout=60,

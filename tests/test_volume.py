@@ -26,7 +26,8 @@ import tifffile
 
 from cryomamba import volume as volume_module
 from cryomamba.errors import InvalidVolumeError
-from cryomamba.volume import IMOD_STAMP, Volume, VolumeStats
+from cryomamba.mrc_header import IMOD_STAMP
+from cryomamba.volume import Volume, VolumeStats
 
 REAL = Path(__file__).parent / "data" / "real-mrc"
 
@@ -291,10 +292,62 @@ def test_big_endian_file(tmp_path: Path) -> None:
         assert vol.stats().max == 23.0
 
 
-def test_image_stack_is_a_volume(tmp_path: Path) -> None:
+def test_image_stack_opens_but_is_not_a_tomogram(tmp_path: Path) -> None:
     path = write_mrc(tmp_path / "s.mrcs", np.ones((3, 4, 5), np.float32), ispg=0)
-    with Volume.open(path) as vol:
+    with Volume.open(path) as vol:  # readable, to look at (napari, `cryomamba info`)
         assert vol.shape == (3, 4, 5) and vol.describe()["space_group"] == 0
+        assert "stack of 3 2D images" in vol.describe()["image_stack"]
+        with pytest.raises(InvalidVolumeError, match="is an image stack, not a tomogram") as info:
+            vol.require_tomogram()
+        assert ".mrcs extension" in info.value.message and "mz" in info.value.hint
+    # the header alone can say so: space group 0 with one section per volume (mz = 1)
+    path = write_mrc(tmp_path / "s.mrc", np.ones((3, 4, 5), np.float32), ispg=0)
+    patch(path, 36, "<i", 1)  # mz
+    with Volume.open(path) as vol:
+        assert "space group 0, mz = 1" in vol.image_stack
+    # ispg 0 with mz = nz (RELION and Warp reconstructions) is a volume
+    for name in ("tomodrgn_warp_reconstruct_ispg0.mrc", "chlamy_hsp60_relion_ispg0.mrc"):
+        with Volume.open(REAL / name) as vol:
+            assert vol.image_stack is None and vol.describe()["image_stack"] is None
+            vol.require_tomogram()
+
+
+def test_the_real_mrcs_stack_is_refused_for_segmentation() -> None:
+    with (
+        Volume.open(REAL / "tomodrgn_float16_stack.mrcs") as vol,
+        pytest.raises(InvalidVolumeError) as info,
+    ):
+        vol.require_tomogram()
+    assert "tomodrgn_float16_stack.mrcs is an image stack, not a tomogram" in info.value.message
+    assert "stack of 37 2D images" in info.value.message
+
+
+def test_a_folder_is_refused_with_a_hint_naming_a_file_inside(tmp_path: Path) -> None:
+    assert "is a folder, not an MRC file" in refusal(tmp_path)
+    with pytest.raises(InvalidVolumeError) as info:
+        Volume.open(tmp_path)
+    assert "not a folder" in info.value.hint
+    write_mrc(tmp_path / "b.mrc", np.ones((2, 2, 2), np.float32))
+    write_mrc(tmp_path / "a.rec", np.ones((2, 2, 2), np.float32))
+    with pytest.raises(InvalidVolumeError) as info:
+        Volume.open(tmp_path)
+    assert f"e.g. {tmp_path / 'a.rec'} (and 1 more)" in info.value.hint
+
+
+def test_describe_shows_only_the_labels_the_header_counts(tmp_path: Path) -> None:
+    path = write_mrc(tmp_path / "l.mrc", np.ones((2, 2, 2), np.float32))
+    with open(path, "r+b") as f:  # slot 0 used; slots 1 and 2 hold leftover bytes
+        f.seek(224)
+        f.write(b"first label".ljust(80) + b"\xb7\x1f\x01junk".ljust(80, b"\x00") + b"0" * 80)
+    patch(path, 220, "<i", 1)  # nlabl
+    with Volume.open(path) as vol:
+        assert vol.describe()["labels"] == ["first label"]
+    patch(path, 220, "<i", 0)
+    with Volume.open(path) as vol:
+        assert vol.describe()["labels"] == []
+    for name in ("imp_mini_nan_stats.mrc", "pyseg_tomo22_membrane_labels_int8.mrc"):  # nlabl 0
+        with Volume.open(REAL / name) as vol:
+            assert vol.describe()["labels"] == []
 
 
 def test_single_image_is_refused(tmp_path: Path, no_memmap: None) -> None:

@@ -14,8 +14,8 @@ Arrays are ZYX in memory; voxel size and origin are (z, y, x) in Å.
   intent "label". NRRD has x as its fastest axis (pynrrd ``index_order='F'`` on the
   transposed array; read with ``index_order='C'`` to get ZYX), diagonal ``space
   directions``, ``space origin``, ``space units`` "microns", gzip encoding.
-- **overview.png**: central XY, XZ and YZ slices side by side, contrast-stretched to the
-  1st–99th percentile, labels overlaid in translucent colours, square display pixels.
+- **overview.png**: central XY, XZ and YZ slices side by side with the labels overlaid and
+  a legend; drawn by `overview.py` (its docstring says how it is scaled and coloured).
 
 `save_artifacts` is all or nothing: each file is written under a temporary name in the
 output folder and renamed into place once all are complete; on any error the files of
@@ -24,6 +24,7 @@ that call (temporary or already renamed) are removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,12 +43,14 @@ from ._version import __version__
 from .config import ARTIFACT_FILES
 from .errors import InvalidVolumeError, OutputError
 from .mrc_write import write_mrc_volume
+from .overview import write_overview_png
 from .preview import check_label_array
 from .stats import check_voxel_size, label_stats
 
 __all__ = [
     "FORMATS",
     "check_output_dir",
+    "existing_artifacts",
     "save_artifacts",
     "write_mrc",
     "write_nifti",
@@ -64,14 +67,6 @@ FORMATS: dict[str, str] = ARTIFACT_FILES
 _ANGSTROM_TO_MICRON = 1e-4
 _CHUNK_PLANES = 32
 _TMP_PREFIX = ".tmp-"
-_PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-     [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
-     [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]],
-    dtype=np.float32,
-)  # fmt: skip
-_ALPHA = 0.45
 
 
 def _origin3(origin: Sequence[float] | None) -> tuple[float, float, float]:
@@ -81,7 +76,7 @@ def _origin3(origin: Sequence[float] | None) -> tuple[float, float, float]:
     values = tuple(float(v) for v in origin)
     if len(values) != 3 or not all(math.isfinite(v) for v in values):
         raise ValueError(f"origin must be three finite numbers (z, y, x) in Å, got {origin!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _label_range(labels: Any) -> tuple[int, int]:
@@ -107,7 +102,7 @@ def _label_dtype(labels: Any) -> np.dtype:
 
 
 def write_mrc(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     labels: np.ndarray,
     *,
     voxel_size: Sequence[float],
@@ -148,7 +143,7 @@ def _affine_micron(vs: tuple[float, ...], org: tuple[float, ...]) -> np.ndarray:
 
 
 def write_nifti(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     labels: np.ndarray,
     *,
     voxel_size: Sequence[float],
@@ -171,7 +166,7 @@ def write_nifti(
 
 
 def write_nrrd(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     labels: np.ndarray,
     *,
     voxel_size: Sequence[float],
@@ -197,7 +192,7 @@ def write_nrrd(
     return Path(path)
 
 
-def write_stats_json(path: str | os.PathLike, stats: Mapping[str, Any]) -> Path:
+def write_stats_json(path: str | os.PathLike[str], stats: Mapping[str, Any]) -> Path:
     """Write a stats dict as strict, indented JSON (numpy scalars and arrays converted)."""
 
     def convert(obj: Any) -> Any:
@@ -216,97 +211,52 @@ def write_stats_json(path: str | os.PathLike, stats: Mapping[str, Any]) -> Path:
     return Path(path)
 
 
-def _display_panel(gray: np.ndarray, lab: np.ndarray, row_px: float, col_px: float) -> np.ndarray:
-    """Resample one slice to square display pixels and blend the label colours over it."""
-    from PIL import Image
-
-    height, width = max(1, round(gray.shape[0] * row_px)), max(1, round(gray.shape[1] * col_px))
-    g = np.asarray(Image.fromarray(gray).resize((width, height), Image.Resampling.BILINEAR))
-    idx = Image.fromarray(lab.astype(np.int32)).resize((width, height), Image.Resampling.NEAREST)
-    rgb, lab = np.repeat(g[..., None].astype(np.float32), 3, axis=2), np.asarray(idx)
-    fg = lab > 0
-    rgb[fg] = (1 - _ALPHA) * rgb[fg] + _ALPHA * _PALETTE[(lab[fg] - 1) % len(_PALETTE)]
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-
-
-def write_overview_png(
-    path: str | os.PathLike,
-    image: np.ndarray | None,
-    labels: np.ndarray,
-    *,
-    voxel_size: Sequence[float],
-    max_panel: int = 1024,
-) -> Path:
-    """Write central XY, XZ, YZ slices side by side with the labels overlaid, as a PNG.
-
-    Square display pixels for anisotropic voxels; `image` None shows the labels on black.
-    """
-    from PIL import Image, ImageDraw
-
-    check_label_array(labels)
-    vs = check_voxel_size(voxel_size)
-    if image is not None and tuple(image.shape) != tuple(labels.shape):
-        raise ValueError(f"image shape {tuple(image.shape)} != labels shape {labels.shape}")
-    zc, yc, xc = (n // 2 for n in labels.shape)
-    cuts = [
-        (f"XY z={zc}", np.s_[zc, :, :], vs[1], vs[2]),
-        (f"XZ y={yc}", np.s_[:, yc, :], vs[0], vs[2]),
-        (f"YZ x={xc}", np.s_[:, :, xc], vs[0], vs[1]),
-    ]
-    if image is not None:
-        slices = [np.asarray(image[cut], dtype=np.float64) for _, cut, _, _ in cuts]
-        finite = np.concatenate([s[np.isfinite(s)] for s in slices])
-        lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
-        hi = hi if hi > lo else lo + 1.0
-        grays = [
-            np.rint(np.clip(np.nan_to_num((s - lo) / (hi - lo)), 0, 1) * 255).astype(np.uint8)
-            for s in slices
-        ]
-    else:
-        grays = [np.zeros(labels[cut].shape, np.uint8) for _, cut, _, _ in cuts]
-    px = min(vs)  # one display pixel is the finest voxel spacing
-    extent = max(max(n * v for n, v in zip(labels.shape, vs, strict=True)) / px, 1.0)
-    zoom = min(1.0, max_panel / extent)
-    panels = [
-        _display_panel(g, np.asarray(labels[cut]), r / px * zoom, c / px * zoom)
-        for g, (_, cut, r, c) in zip(grays, cuts, strict=True)
-    ]
-    gap, caption = 4, 14
-    width = sum(p.shape[1] for p in panels) + gap * (len(panels) + 1)
-    height = max(p.shape[0] for p in panels) + caption + 2 * gap
-    canvas = Image.new("RGB", (width, height), (24, 24, 24))
-    draw = ImageDraw.Draw(canvas)
-    x = gap
-    for (title, _, _, _), panel in zip(cuts, panels, strict=True):
-        draw.text((x, 1), title, fill=(220, 220, 220))
-        canvas.paste(Image.fromarray(panel), (x, caption + gap))
-        x += panel.shape[1] + gap
-    canvas.save(os.fspath(path), format="PNG")
-    return Path(path)
-
-
-def check_output_dir(folder: str | os.PathLike) -> None:
+def check_output_dir(folder: str | os.PathLike[str]) -> None:
     """Fail early, before hours of inference, if `folder` cannot become a writable folder.
 
-    Creates nothing; `save_artifacts` proves writability again with a probe file.
+    Proves it the only sure way: creates the missing folders and a probe file in the last,
+    then removes both, so the file system is left as it was (a permission check alone
+    passes for root in /proc, where nothing can be created). `save_artifacts` probes again.
     """
     out = Path(folder)
-    probe = out.absolute()
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
+    target = out.absolute()
+    existing = target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
         raise OutputError(
-            f"cannot write into output folder {out}: {probe} is a file, not a folder",
+            f"cannot write into output folder {out}: {existing} is a file, not a folder",
             hint="choose another output folder",
         )
-    if not os.access(probe, os.W_OK | os.X_OK):
+    chain = [target, *target.parents]
+    missing = chain[: chain.index(existing)][::-1]  # to create, outermost first
+    created: list[Path] = []
+    try:
+        for part in missing:
+            part.mkdir()
+            created.append(part)
+        fd, probe = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}probe-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        verb = "create" if len(created) < len(missing) else "write into"
         raise OutputError(
-            f"cannot write into output folder {out}: {probe} is not writable",
+            f"cannot {verb} output folder {out}: {exc.strerror or exc}",
             hint="choose a folder you can write to, or fix its permissions",
-        )
+        ) from None
+    finally:
+        for part in reversed(created):
+            with contextlib.suppress(OSError):
+                part.rmdir()
 
 
-def _prepare_dir(out_dir: str | os.PathLike) -> Path:
+def existing_artifacts(folder: str | os.PathLike[str], formats: Iterable[str]) -> list[Path]:
+    """The files among `formats`' artifacts that already exist in `folder` (would be replaced)."""
+    out = Path(folder)
+    return [out / FORMATS[f] for f in _check_formats(formats) if (out / FORMATS[f]).exists()]
+
+
+def _prepare_dir(out_dir: str | os.PathLike[str]) -> Path:
     """Create `out_dir` if needed and prove it writable with a probe file, or raise OutputError."""
     out = Path(out_dir)
     try:
@@ -337,7 +287,7 @@ def _check_formats(formats: Iterable[str]) -> list[str]:
 
 
 def save_artifacts(
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     labels: np.ndarray,
     *,
     voxel_size: Sequence[float],
@@ -383,7 +333,7 @@ def save_artifacts(
                     payload["provenance"] = dict(provenance or {})
                 write_stats_json(tmp, payload)
             else:
-                write_overview_png(tmp, image, labels, voxel_size=vs)
+                write_overview_png(tmp, image, labels, voxel_size=vs, label_names=label_names)
             logger.info("wrote %s in %.2f s", FORMATS[fmt], time.perf_counter() - start)
         result: dict[str, Path] = {}
         for fmt, tmp in temps.items():

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
 from .hookspecs import hookimpl
+from .registry import Registry
 
 __all__ = ["BUNDLED_MODELS_DIR", "ModelSpec", "available_models", "resolve_model"]
+
+log = logging.getLogger(__name__)
 
 BUNDLED_MODELS_DIR = Path(__file__).parent / "bundled_models"
 REQUIRED_FILES = ("plans.json", "dataset.json")
@@ -69,8 +73,23 @@ def _models_from_dir(root: Path) -> list[ModelSpec]:
     ]
 
 
+def _models_dir_problem() -> str | None:
+    """What is wrong with $CRYOMAMBA_MODELS_DIR, if it is set and gives no models."""
+    extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
+    if not extra:
+        return None
+    root = Path(extra).expanduser()
+    if not root.exists():
+        return f"CRYOMAMBA_MODELS_DIR={extra} does not exist"
+    if not root.is_dir():
+        return f"CRYOMAMBA_MODELS_DIR={extra} is a file, not a folder"
+    if not _models_from_dir(root):
+        return f"CRYOMAMBA_MODELS_DIR={extra} holds no model folders (sub-folders with plans.json)"
+    return None
+
+
 @hookimpl
-def cryomamba_register_models(registry) -> None:
+def cryomamba_register_models(registry: Registry[ModelSpec]) -> None:
     """Builtin models: the bundled demo model, plus any in $CRYOMAMBA_MODELS_DIR."""
     registry.add(
         "demo-membrane",
@@ -82,7 +101,10 @@ def cryomamba_register_models(registry) -> None:
     )
     extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
     if extra:
-        for spec in _models_from_dir(Path(extra)):
+        problem = _models_dir_problem()
+        if problem:
+            log.warning("%s; only the other models are offered", problem)
+        for spec in _models_from_dir(Path(extra).expanduser()):
             if spec.name not in registry:
                 registry.add(spec.name, spec)
 
@@ -95,7 +117,7 @@ def available_models() -> list[ModelSpec]:
     return [registry.get(name) for name in registry.names()]
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
+def resolve_model(name_or_path: str | os.PathLike[str]) -> ModelSpec:
     """A registered name or a trained-model folder → `ModelSpec`; a clear `ModelError` otherwise."""
     from . import plugins
 
@@ -111,9 +133,30 @@ def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
         return spec
     path = Path(name).expanduser()
     if path.is_dir():
+        _check_model_folder(path)
         return ModelSpec(path.name, path.resolve(), f"folder {path}")
+    problem = _models_dir_problem()
     raise ModelError(
-        f"unknown model {name!r}",
+        f"unknown model {name!r}" + (f" ({problem})" if problem else ""),
         hint=f"use one of: {', '.join(registry.names())} "
         "(see `cryomamba models`), or the path of an nnU-Net v2 trained-model folder",
+    )
+
+
+def _check_model_folder(path: Path) -> None:
+    """Refuse a folder that is not one nnU-Net v2 trained model, pointing at one inside it."""
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if not missing:
+        return
+    inside = sorted(p for p in path.rglob("plans.json") if len(p.relative_to(path).parts) <= 3)
+    hint = (
+        "give the folder nnU-Net wrote for one trained configuration, the one holding "
+        "plans.json, dataset.json and fold_N/ (e.g. "
+        "Dataset123_Membranes/nnUNetTrainer__nnUNetPlans__3d_fullres)"
+    )
+    if inside:
+        hint = f"did you mean {inside[0].parent}? " + hint
+    raise ModelError(
+        f"{path} is not an nnU-Net v2 trained-model folder: it has no {' or '.join(missing)}",
+        hint=hint,
     )

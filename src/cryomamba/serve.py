@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["add_server_arguments", "main", "run", "settings_from_args"]
+__all__ = ["add_server_arguments", "main", "run", "serve", "settings_from_args"]
 
 log = logging.getLogger("cryomamba.serve")
 
@@ -181,27 +181,34 @@ def run(settings) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def serve(args: argparse.Namespace) -> int:
+    """Run the server from parsed flags; the one path of both entry points (`python -m
+    cryomamba.serve` and `cryomamba serve`), so both log the same JSON lines. A setting
+    the user can fix is one `error:` and one `hint:` line on stderr and exit code 2."""
     from .errors import CryoMambaError
 
-    parser = argparse.ArgumentParser(prog="python -m cryomamba.serve", description=__doc__)
-    add_server_arguments(parser)
-    args = parser.parse_args(argv)
     try:
-        settings = settings_from_args(args)
-        run(settings)
+        run(settings_from_args(args))
     except CryoMambaError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return 2
     except ImportError as exc:
+        if (exc.name or "cryomamba").partition(".")[0] == "cryomamba":
+            raise  # our own module is broken: a bug, not a missing extra
         print(
             f"error: the server needs its extra packages ({exc.name} is missing)", file=sys.stderr
         )
-        print("hint: pip install 'cryomamba[server]'", file=sys.stderr)
+        print('hint: from a clone of CryoMamba: pip install ".[server]"', file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cryomamba.serve", description=__doc__)
+    add_server_arguments(parser)
+    return serve(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -39,7 +40,9 @@ from typing import ClassVar
 import numpy as np
 import scipy.fft
 
-__all__ = ["LABELS", "SyntheticTomogram", "synthesize", "write_mrc"]
+from .errors import ConfigError
+
+__all__ = ["LABELS", "SyntheticTomogram", "estimate_bytes", "synthesize", "write_mrc"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,37 @@ PARTICLE_RADIUS_NM = (4.0, 6.0)  # 8-12 nm diameter
 _PROFILE_CUTOFF_NM = LEAFLET_OFFSET_NM + 4.0 * LEAFLET_SIGMA_NM
 _BOX_MARGIN_NM = 10.0  # vesicle boxes extend this far beyond the shell
 _EDGE_NM = 0.7  # soft edge width of particles
+# Peak memory while synthesising, per voxel: float32 density, noise and FFT spectra, float64
+# temporaries of the variance, uint8 labels. Measured ~50 bytes (64x128x128 and 128x384x384).
+_BYTES_PER_VOXEL = 56
+
+
+def estimate_bytes(shape: tuple[int, ...]) -> int:
+    """About how much memory `synthesize(shape)` needs at its peak, in bytes."""
+    return _BYTES_PER_VOXEL * math.prod(int(n) for n in shape)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _gb(n: float) -> str:
+    for unit in ("GB", "TB", "PB", "EB"):
+        n /= 1e9 if unit == "GB" else 1e3
+        if n < 1000 or unit == "EB":
+            return f"{n:,.1f} {unit}"
+    raise AssertionError  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -215,6 +249,14 @@ def synthesize(
     ):
         if n is not None and n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
+    need, available = estimate_bytes(shape), _available_memory()
+    if available is not None and need > available:
+        raise ConfigError(
+            f"a {'×'.join(map(str, shape))} synthetic tomogram needs about {_gb(need)} of "
+            f"memory to make, and only {_gb(available)} is available",
+            hint="choose a smaller shape: 64,128,128 takes about "
+            f"{estimate_bytes((64, 128, 128)) / 1e6:.0f} MB",
+        )
 
     content_ss, noise_ss = np.random.SeedSequence(seed).spawn(2)
     rng = np.random.default_rng(content_ss)

@@ -5,21 +5,9 @@ anything, so a corrupt, truncated or mislabelled file is refused with a message 
 what is wrong instead of being silently misread. `Volume.from_array` wraps an in-memory
 array behind the same interface.
 
-Decisions (MRC2014 leaves some of these to the reader):
-
-* Axes: data are returned as (Z, Y, X). When mapc/mapr/maps is not 1,2,3 the file's array
-  is transposed (a view); voxel sizes (cella/mx...) and origin follow the same axes.
-* Mode 0: MRC2014 says int8, but IMOD/SerialEM wrote unsigned bytes for years. Header
-  min/max that only fit one type decide first (min >= 0 and 127 < max <= 255: uint8;
-  min < 0: int8); else an IMOD stamp decides (bit 0 of imodFlags set: int8, clear: uint8);
-  else int8 as the standard says. The reason is logged and shown by `describe()`.
-* Size: the file must be exactly 1024 + nsymbt + nx*ny*nz*itemsize bytes. Trailing bytes
-  are refused too: they usually mean the header's mode or nsymbt is wrong, and reading on
-  would return plausible-looking garbage.
-* Origin: the header origin fields when any is non-zero; otherwise n[xyz]start * voxel
-  size (the CCP4 convention, as ChimeraX does); otherwise 0.
-* Voxel size: cella / (mx, my, mz). Zero, negative or non-finite means unknown: 1 Å is
-  used, `voxel_size_known` is False and a warning is logged.
+Header parsing and its decisions (axis order, mode-0 signedness, exact file size, origin,
+voxel size, image stacks) live in `mrc_header.py`; this module maps the data and computes
+statistics in chunks.
 """
 
 from __future__ import annotations
@@ -35,30 +23,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from mrcfile.dtypes import HEADER_DTYPE
 
-from cryomamba.errors import InvalidVolumeError
+from .errors import InvalidVolumeError
+from .mrc_header import (
+    MrcLayout,
+    check_shape,
+    origin_xyz,
+    read_layout,
+    voxel_size_xyz,
+)
 
 __all__ = ["Volume", "VolumeStats"]
 
 logger = logging.getLogger(__name__)
-
-HEADER_BYTES = 1024
-IMOD_STAMP = 1146047817
-_MODES = {m: np.dtype(c) for m, c in ((0, "i1"), (1, "i2"), (2, "f4"), (6, "u2"), (12, "f2"))}
-_UNSUPPORTED_MODES = {3: "complex int16", 4: "complex float32", 101: "4-bit packed"}
-_CONVERT = (
-    "CryoMamba reads MRC/CCP4 volumes (.mrc, .rec, .st, .ali, .map, .ccp4, .mrcs); "
-    "convert other formats first (e.g. IMOD tif2mrc, or mrcfile.write from Python)."
-)
-_MAGIC = {  # first bytes of formats people mistake for MRC
-    (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"): "a TIFF image",
-    (b"\x89HDF\r\n\x1a\n",): "an HDF5 file",
-    (b"\x1f\x8b\x08", b"BZh"): "a gzip or bzip2 archive (decompress it first)",
-    (b"\x93NUMPY", b"PK\x03\x04"): "a NumPy .npy or zip/.npz file",
-    (b"\x89PNG", b"\xff\xd8\xff"): "a PNG or JPEG image",
-    (b"NRRD",): "an NRRD file",
-}
 
 
 _V = TypeVar("_V", bound="Volume")
@@ -76,199 +53,10 @@ class VolumeStats:
     nan_count: int
 
 
-def _size(n: int) -> str:
-    """A byte count for people: 1000-based units, one decimal."""
-    if n < 1000:
-        return f"{n} bytes"
-    for unit in ("kB", "MB", "GB", "TB", "PB"):
-        n /= 1000
-        if n < 1000 or unit == "PB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError  # pragma: no cover
-
-
-def _sizes(a: int, b: int) -> tuple[str, str]:
-    """Two sizes that read differently even when they round to the same text."""
-    sa, sb = _size(a), _size(b)
-    return (sa, sb) if sa != sb else (f"{a:,} bytes", f"{b:,} bytes")
-
-
-def _f32(value: Any) -> float:
-    """The shortest decimal that round-trips a header float32 (376.32/48 -> 7.84)."""
-    return float(str(np.float32(value)))
-
-
-def _refuse(name: str, what: str, hint: str) -> InvalidVolumeError:
-    return InvalidVolumeError(f"{name} {what}", hint=hint)
-
-
-def _sniff(raw: bytes) -> str | None:
-    """Name the format of a file that is recognisably not MRC."""
-    for magic, kind in _MAGIC.items():
-        if raw.startswith(magic):
-            return kind
-    if raw[344:348] in (b"n+1\x00", b"ni1\x00"):
-        return "a NIfTI image"
-    return None
-
-
-def _parse_header(raw: bytes, name: str) -> tuple[np.recarray, str]:
-    """The header in the byte order whose mode makes sense (machine stamp tried first)."""
-    orders = (">", "<") if raw[212:214] == b"\x11\x11" else ("<", ">")
-    for order in orders:
-        header = np.frombuffer(raw, HEADER_DTYPE.newbyteorder(order), count=1).reshape(())
-        if int(header["mode"]) in _MODES or int(header["mode"]) in _UNSUPPORTED_MODES:
-            return header.copy().view(np.recarray), order
-    if not bytes(header["map"]).startswith(b"MAP"):
-        raise _refuse(name, "is not an MRC file: no 'MAP ' id and no valid mode", _CONVERT)
-    mode = int(np.frombuffer(raw, f"{orders[0]}i4", count=1, offset=12)[0])
-    raise _refuse(
-        name,
-        f"has mode {mode} in its header, which is not an MRC data mode",
-        "Supported modes: 0 (8-bit), 1 (int16), 2 (float32), 6 (uint16), 12 (float16); "
-        "the header is corrupt or was written wrongly.",
-    )
-
-
-@dataclass
-class _Layout:
-    """Where and how the data of a validated MRC file lie."""
-
-    header: np.recarray
-    dtype: np.dtype  # in the file's byte order
-    offset: int
-    shape: tuple[int, int, int]  # file order: (nz, ny, nx) = (sections, rows, columns)
-    axes: tuple[int, int, int]  # mapc, mapr, maps
-    perm: tuple[int, int, int]  # file array axes -> (Z, Y, X)
-    file_size: int
-    mode0: str | None
-    byte_order: str  # of the header and data: "little" or "big"
-    origin_source: str = "none"
-
-
-def _read_layout(path: Path) -> _Layout:
-    """Check the header against the file size and refuse what cannot be read safely."""
-    name = str(path)
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_BYTES)
-        file_size = os.fstat(f.fileno()).st_size
-    kind = _sniff(raw)
-    if kind is not None:
-        raise _refuse(name, f"is not an MRC file: it looks like {kind}", _CONVERT)
-    if len(raw) < HEADER_BYTES:
-        what = f"is {file_size} bytes, shorter than the 1,024-byte MRC header"
-        raise _refuse(name, what, "The file is truncated or not an MRC file.")
-    h, order = _parse_header(raw, name)
-    nx, ny, nz, mode = int(h.nx), int(h.ny), int(h.nz), int(h.mode)
-    if min(nx, ny, nz) < 1:
-        what = f"has impossible dimensions nx={nx}, ny={ny}, nz={nz} (each must be >= 1)"
-        raise _refuse(name, what, "The header is corrupt.")
-    axes = (int(h.mapc), int(h.mapr), int(h.maps))
-    if sorted(axes) != [1, 2, 3]:
-        what = f"has invalid axes mapc/mapr/maps = {axes}: not a permutation of 1, 2, 3"
-        raise _refuse(name, what, "The header is corrupt; fix mapc/mapr/maps.")
-    if mode in _UNSUPPORTED_MODES:
-        what = f"holds {_UNSUPPORTED_MODES[mode]} data (mode {mode}), which cannot be segmented"
-        raise _refuse(name, what, "Convert it to mode 0, 1, 2, 6 or 12 first.")
-    dtype, mode0 = _MODES[mode], None
-    if mode == 0:
-        stamp_flags = np.frombuffer(raw, f"{order}i4", count=2, offset=152)
-        unsigned, mode0 = _mode0_unsigned(h, int(stamp_flags[0]), int(stamp_flags[1]))
-        dtype = np.dtype(np.uint8) if unsigned else dtype
-        logger.debug("%s: mode 0 read as %s", name, mode0)
-    dtype = dtype.newbyteorder(order)
-    offset = HEADER_BYTES + int(h.nsymbt)
-    _check_size(name, mode, dtype, (nz, ny, nx), offset, file_size)
-    where = {axes[2]: 0, axes[1]: 1, axes[0]: 2}  # crystal axis (1=X) -> file array axis
-    perm = (where[3], where[2], where[1])
-    _check_shape(tuple((nz, ny, nx)[i] for i in perm), name)
-    byte_order = "big" if order == ">" else "little"
-    return _Layout(h, dtype, offset, (nz, ny, nx), axes, perm, file_size, mode0, byte_order)
-
-
-def _check_size(
-    name: str, mode: int, dtype: np.dtype, shape: tuple[int, ...], offset: int, file_size: int
-) -> None:
-    """Refuse a file whose size is not exactly header + extended header + data."""
-    voxels = math.prod(shape)
-    expected, actual = voxels * dtype.itemsize, file_size - offset
-    promise = f"the header (mode {mode}, {dtype.name}, {'×'.join(map(str, shape))}) promises"
-    if offset < HEADER_BYTES or actual < 0:
-        what = f"has an extended header (nsymbt = {offset - HEADER_BYTES}) that does not fit"
-        raise _refuse(name, f"{what} in the file ({file_size:,} bytes)", "The header is corrupt.")
-    if actual == 0:
-        what = f"has no data: the file ends after the header, but {promise} {_size(expected)}"
-        raise _refuse(name, what, "Only the header was written or copied; copy the whole file.")
-    if actual == expected:
-        return
-    got, want = _sizes(actual, expected)
-    what = f"data block is {got} but {promise} {want}"
-    if actual < expected:
-        hint = "The file was cut short (interrupted write, copy or download?); copy it again."
-        raise _refuse(name, f"is truncated: {what}", hint)
-    fits = [m for m, dt in _MODES.items() if voxels * dt.itemsize == actual and m != mode]
-    hint = "The header's mode, dimensions or nsymbt are wrong"
-    if fits:
-        hint = f"The data block is exactly the size of mode {fits[0]} ({_MODES[fits[0]]}) data"
-    hint += "; fix the header (e.g. IMOD alterheader): CryoMamba will not guess."
-    raise _refuse(name, f"does not match its header: {what}", hint)
-
-
-def _voxel_size(h: np.recarray, name: str) -> tuple[tuple[float, float, float], bool]:
-    """(x, y, z) voxel size in Å from cella/(mx, my, mz), and whether the header knew it."""
-    cell = [float(h.cella.x), float(h.cella.y), float(h.cella.z)]
-    samples = [int(h.mx), int(h.my), int(h.mz)]
-    if not (all(math.isfinite(c) and c > 0 for c in cell) and min(samples) > 0):
-        logger.warning("%s: no voxel size in the header (cella %s, m %s); using 1 Å", name,
-                       cell, samples)  # fmt: skip
-        return (1.0, 1.0, 1.0), False
-    angles = [float(h.cellb.alpha), float(h.cellb.beta), float(h.cellb.gamma)]
-    if any(a not in (0.0, 90.0) for a in angles):
-        logger.warning("%s: cell angles %s are not 90°; voxels are taken as orthogonal", name,
-                       angles)  # fmt: skip
-    x, y, z = (_f32(np.float32(c) / np.float32(m)) for c, m in zip(cell, samples, strict=True))
-    return (x, y, z), True
-
-
-def _origin(
-    h: np.recarray, axes: tuple[int, int, int], voxel_xyz: tuple[float, float, float]
-) -> tuple[tuple[float, float, float], str]:
-    """(x, y, z) origin in Å, and which header fields it came from (module docstring)."""
-    origin = (_f32(h.origin.x), _f32(h.origin.y), _f32(h.origin.z))
-    if all(math.isfinite(o) for o in origin) and any(origin):
-        return origin, "header origin"
-    start = [0, 0, 0]
-    for axis, n in zip(axes, (int(h.nxstart), int(h.nystart), int(h.nzstart)), strict=True):
-        start[axis - 1] = n
-    if any(start):
-        x, y, z = (s * v for s, v in zip(start, voxel_xyz, strict=True))
-        return (x, y, z), "nxstart/nystart/nzstart"
-    return (0.0, 0.0, 0.0), "none"
-
-
-def _mode0_unsigned(h: np.recarray, stamp: int, flags: int) -> tuple[bool, str]:
-    """Whether mode-0 bytes are unsigned, and the evidence (see the module docstring)."""
-    dmin, dmax = float(h.dmin), float(h.dmax)
-    if math.isfinite(dmin) and math.isfinite(dmax) and dmin <= dmax:
-        if dmin >= 0 and 127 < dmax <= 255:
-            return True, f"uint8: header min/max {dmin:g}..{dmax:g} do not fit int8"
-        if -128 <= dmin < 0 and dmax <= 127:
-            return False, f"int8: header min {dmin:g} is negative"
-    if stamp == IMOD_STAMP:
-        if flags & 1:
-            return False, "int8: IMOD header flags bytes as signed"
-        return True, "uint8: IMOD header without the signed-bytes flag"
-    return False, "int8: MRC2014 default (no IMOD stamp; header min/max do not decide)"
-
-
-def _check_shape(shape: tuple[int, ...], name: str) -> None:
-    """Refuse what is not a volume: a single image, or any axis thinner than 2 voxels."""
-    if shape[0] == 1:
-        what = f"is a single 2D image ({shape[1]}×{shape[2]}); a tomogram needs at least 2 slices"
-        raise _refuse(name, what, "Pass a reconstructed tomogram, not a projection or tilt.")
-    if min(shape) < 2:
-        what = f"is flat (Z×Y×X = {shape}); a tomogram needs at least 2 voxels along every axis"
-        raise _refuse(name, what, "Pass a 3D volume.")
+def _label_text(raw: bytes) -> str:
+    """One 80-byte header label as text: ASCII, control and non-ASCII bytes dropped."""
+    text = raw.split(b"\x00", 1)[0].decode("ascii", "ignore")
+    return "".join(c for c in text if c.isprintable()).strip()
 
 
 def _triple(value: Any, what: str, positive: bool) -> tuple[float, float, float]:
@@ -302,7 +90,7 @@ class Volume:
         origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
         voxel_size_known: bool = True,
         header: np.recarray | None = None,
-        layout: _Layout | None = None,
+        layout: MrcLayout | None = None,
     ) -> None:
         self._data: np.ndarray | None = data
         self.path = path
@@ -327,16 +115,16 @@ class Volume:
         verified it at upload), so `checksum()` need not read the whole file again.
         """
         path = Path(path)
-        lay = _read_layout(path)
+        lay = read_layout(path)
         raw_map = np.memmap(path, dtype=lay.dtype, mode="r", offset=lay.offset, shape=lay.shape)
         data = raw_map.transpose(lay.perm) if lay.perm != (0, 1, 2) else raw_map
-        voxel_xyz, known = _voxel_size(lay.header, str(path))
-        origin_xyz, lay.origin_source = _origin(lay.header, lay.axes, voxel_xyz)
+        voxel_xyz, known = voxel_size_xyz(lay.header, str(path))
+        origin, lay.origin_source = origin_xyz(lay.header, lay.axes, voxel_xyz)
         volume = cls(
             data,
             path=path,
             voxel_size=voxel_xyz[::-1],
-            origin=origin_xyz[::-1],
+            origin=origin[::-1],
             voxel_size_known=known,
             header=lay.header.copy(),
             layout=lay,
@@ -364,7 +152,7 @@ class Volume:
                 f"array has {arr.ndim} dimensions {arr.shape}; a tomogram is 3D (Z, Y, X)",
                 hint="Select one channel/time point of a 4D array; stack 2D images first.",
             )
-        _check_shape(arr.shape, "array")
+        check_shape(arr.shape, "array")
         view = arr.view()
         view.flags.writeable = False
         return cls(
@@ -478,8 +266,9 @@ class Volume:
         if lay is None:
             return out
         h = lay.header
-        labels = [bytes(b).decode("ascii", "replace").strip(" \x00") for b in h.label]
-        nlabl = int(h.nlabl)
+        nlabl = int(h.nlabl)  # slots past nlabl hold whatever the writer left there
+        used = h.label[: nlabl if 0 <= nlabl <= 10 else 10]
+        labels = [_label_text(bytes(b)) for b in used]
         exttyp = bytes(h.exttyp)
         out.update(
             mode=int(h.mode),
@@ -498,9 +287,25 @@ class Volume:
             nversion=int(h.nversion),
             extended_header_type=exttyp.decode() if exttyp.isalnum() else None,
             extended_header_size=int(h.nsymbt),
-            labels=[t for t in (labels[:nlabl] if 0 < nlabl <= 10 else labels) if t],
+            labels=[t for t in labels if t],
+            image_stack=lay.image_stack,
         )
         return out
+
+    @property
+    def image_stack(self) -> str | None:
+        """Why this file is a stack of 2D images rather than a volume, or None."""
+        return self._layout.image_stack if self._layout is not None else None
+
+    def require_tomogram(self) -> None:
+        """Raise `InvalidVolumeError` when this is an image stack, which cannot be segmented."""
+        if self.image_stack is not None:
+            name = self.path.name if self.path else "the volume"
+            raise InvalidVolumeError(
+                f"{name} is an image stack, not a tomogram: {self.image_stack}",
+                hint="segment a reconstructed tomogram; if this file really is a 3D volume, "
+                "name it .mrc and set mz to the number of sections (e.g. IMOD alterheader)",
+            )
 
     # -- lifecycle ----------------------------------------------------------------------
 

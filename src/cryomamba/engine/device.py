@@ -18,8 +18,9 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if not torch.cuda.is_available():
         raise ConfigError(
-            f"device {name!r} was requested but PyTorch sees no CUDA GPU",
-            hint="use device='cpu' or 'auto', or install a CUDA build of PyTorch",
+            f"device {name!r} was requested, but this machine has no GPU that PyTorch can use",
+            hint="run on the CPU instead (device cpu, or auto to use a GPU only when there is "
+            "one); to use a GPU, install a CUDA build of PyTorch and the NVIDIA driver",
         )
     index = device.index or 0
     if index >= torch.cuda.device_count():

@@ -156,8 +156,8 @@ class StreamingPredictor:
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory(
                 f"the GPU ran out of memory: {str(exc).splitlines()[0]}",
-                hint="use tile_batch=1, turn mirroring (TTA) off, close other GPU jobs, or run on "
-                "a GPU with more memory; device='cpu' always works, slowly",
+                hint="lower tile_batch to 1, turn mirroring (TTA) off, close other GPU jobs, or "
+                "run on a GPU with more memory; the CPU (device cpu) always works, slowly",
             ) from None
         finally:
             if self.device.type == "cuda":

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -18,11 +18,13 @@ from ..config import JobConfig
 from ..events import Canceled, Completed, Progress
 from ..hookspecs import hookimpl
 from ..job import Job, JobState
+from ..models import ModelSpec
 from ..preview import PreviewBuilder
+from ..registry import Registry
 from ..segmentation import Segmentation
 from ..sources import open_source
 from ..volume import Volume
-from .base import failure, is_bug, job_for
+from .base import Executor, failure, is_bug, job_for
 
 __all__ = ["LocalExecutor", "open_source"]
 
@@ -34,10 +36,10 @@ class _ModelCache:
 
     def __init__(self, size: int = 2) -> None:
         self.size = size
-        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._items: OrderedDict[tuple[str, Any, str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, spec, config: JobConfig, device):
+    def get(self, spec: ModelSpec, config: JobConfig, device: Any) -> Any:
         from ..engine import TrainedModel
 
         key = (str(spec.path), config.folds, config.checkpoint, str(device))
@@ -68,14 +70,15 @@ class LocalExecutor:
         self, source: Any, config: JobConfig, sinks: Sequence[Any] = (), *, job: Job | None = None
     ) -> Job:
         queued: list[Future[None]] = []
+        fed: list[Job] = []
 
         def on_cancel() -> None:
             if queued and queued[0].cancel():  # still queued: it will never start
-                job.emit(Canceled())
+                fed[0].emit(Canceled())
 
-        job = job_for(job, sinks, on_cancel)
-        queued.append(self._pool.submit(self._run, job, source, config))
-        return job
+        fed.append(job_for(job, sinks, on_cancel))
+        queued.append(self._pool.submit(self._run, fed[0], source, config))
+        return fed[0]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -101,6 +104,7 @@ class LocalExecutor:
                 job.emit(Completed(result=result))
 
     def _segment(self, job: Job, source: Any, config: JobConfig) -> Segmentation:
+        began = time.monotonic()  # stats.json's `seconds` (and the CLI's): all the job did
         from ..engine import StreamingPredictor
         from ..engine.device import resolve_device
         from ..engine.output import release_pages, temporary_labels
@@ -109,6 +113,7 @@ class LocalExecutor:
         from ..models import resolve_model
 
         volume = open_source(source)
+        volume.require_tomogram()  # an .mrcs image stack is no volume to segment
         spec = resolve_model(config.model)
         device = resolve_device(config.device)
         model = self._models.get(spec, config, device)
@@ -163,7 +168,8 @@ class LocalExecutor:
                 "sha256": spec.checksum(),
                 "folds": list(model.folds),
             },
-            "config": config.to_dict(),
+            # as run: fp16 says whether autocast was used (never on a CPU), not what was asked
+            "config": {**config.to_dict(), "fp16": predictor.autocast},
             "device": str(device),
             "source": {
                 "path": str(volume.path) if volume.path else None,
@@ -171,7 +177,7 @@ class LocalExecutor:
                 "shape": list(volume.shape),
             },
             "spacing": spacing.to_dict(),
-            "seconds": round(time.monotonic() - start, 3),
+            "seconds": round(time.monotonic() - began, 3),
         }
         return Segmentation(
             labels=labels,
@@ -211,5 +217,5 @@ def _decide_spacing(volume: Volume, model: Any, config: JobConfig) -> Any:
 
 
 @hookimpl
-def cryomamba_register_executors(registry) -> None:
+def cryomamba_register_executors(registry: Registry[Callable[..., Executor]]) -> None:
     registry.add("local", LocalExecutor)

@@ -27,12 +27,19 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """Send every logger (ours and uvicorn's) through one JSON handler on stderr."""
+    """Send every logger (ours and uvicorn's) through one JSON handler on stderr.
+
+    Whatever an entry point set up before (the `cryomamba` command's rich handler and its
+    WARNING level on the `cryomamba` logger) is taken down, so each record is written once,
+    as one JSON line, at the server's level."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+    for name in ("cryomamba", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+    logging.captureWarnings(True)  # warnings.warn(...) as JSON lines too, not raw stderr text

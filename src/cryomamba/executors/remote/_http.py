@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 _BLOCK = 1 << 20
 _MAX_DELAY_S = 30.0
+_CONNECT_TIMEOUT_S = 10.0
 _UNREACHABLE_HINT = "check the URL and that `cryomamba serve` is running"
 
 
@@ -82,6 +83,7 @@ class HttpSession:
         self._make_client = make_client or self.new_client
         self._client: Any = None
         self._lock = threading.Lock()
+        self._reached = False  # has the server ever answered? (an unreachable one fails fast)
 
     def __repr__(self) -> str:  # never the token
         return f"HttpSession({self.server!r})"
@@ -108,7 +110,10 @@ class HttpSession:
         _redact_httpx_log()
         verify = self.verify if self.verify is True else _ssl_context(self.verify)
         limits = httpx.Limits(max_connections=self.max_connections)
-        return httpx.Client(timeout=self.timeout_s, verify=verify, limits=limits, **kwargs)
+        # connecting takes milliseconds when the server is up: a wrong or down address should
+        # not hold the user for the whole read timeout
+        timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, _CONNECT_TIMEOUT_S))
+        return httpx.Client(timeout=timeout, verify=verify, limits=limits, **kwargs)
 
     def long_timeout(self) -> Any:
         """For `complete`: the server hashes and checks the whole file before it answers."""
@@ -152,6 +157,7 @@ class HttpSession:
                     method, self.server + path, headers=headers, timeout=timeout, **kwargs
                 )
                 resp = client.send(request, stream=stream)
+                self._reached = True
             except httpx.TransportError as exc:
                 refused = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
                 error = (
@@ -166,6 +172,8 @@ class HttpSession:
                 )
                 if not (refused or idempotent):
                     raise error from None
+                if refused and not self._reached:  # never reached: a wrong URL or a server
+                    raise error from None  # that is down; retries only help one restarting
             else:
                 status = resp.status_code
                 if status < 400 or status in ok:
