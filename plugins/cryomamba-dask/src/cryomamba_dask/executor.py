@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,8 @@ class DaskExecutor:
         self.out = (
             Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cryomamba-dask-"))
         )
+        if self._own_out:  # removed on close(), or at exit for an executor nobody closed
+            self._remove_out = weakref.finalize(self, shutil.rmtree, self.out, True)
         self._conn = connect(cluster, workers=workers, connect_timeout_s=connect_timeout_s)
         self.client = self._conn.client
         self.topic = f"cryomamba-{uuid.uuid4().hex}"
@@ -189,7 +192,7 @@ class DaskExecutor:
             pass
         self._conn.close()
         if self._own_out:
-            shutil.rmtree(self.out, ignore_errors=True)
+            self._remove_out()
 
     def slots(self) -> int:
         """Jobs the cluster can run at once now: its GPUs, else its workers' task slots."""
@@ -339,6 +342,8 @@ class DaskExecutor:
 
         with self._lock:
             self._runs.pop(run.job.id, None)
+        if run.future is not None:  # the scheduler may forget the task's small result now
+            run.future.release()
         if self._closed and self.client.status != "running":
             return
         try:

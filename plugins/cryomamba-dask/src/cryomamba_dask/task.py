@@ -104,7 +104,7 @@ def _count_run(name: str) -> int:
 
 def _watch_cancel(name: str, job: Any, done: threading.Event) -> threading.Thread:
     """Cancel `job` as soon as the client sets the Dask Event `name` (a blocking wait on the
-    scheduler, renewed every few seconds until the job is over: no file or flag polling)."""
+    scheduler, renewed every second until the job is over: no file or flag polling)."""
     from distributed import Event
 
     flag = Event(name)
@@ -112,7 +112,7 @@ def _watch_cancel(name: str, job: Any, done: threading.Event) -> threading.Threa
     def watch() -> None:
         while not done.is_set():
             try:
-                if flag.wait(timeout=5):
+                if flag.wait(timeout=1):  # short: no wait outlives the job by much
                     job.cancel()
                     return
             except Exception:  # the scheduler went away: the task ends with the worker
