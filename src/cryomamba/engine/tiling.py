@@ -33,16 +33,20 @@ class TileGrid:
 
         _check_step(tile_step)  # before nnU-Net lists the steps: a tiny step makes giant lists
 
-        padded = tuple(max(s, p) for s, p in zip(shape, patch))
-        pad_below = tuple((p - s) // 2 for s, p in zip(shape, padded))
-        steps = compute_steps_for_sliding_window(padded, patch, tile_step)
+        pz, py, px = (max(s, p) for s, p in zip(shape, patch))
+        padded = (pz, py, px)
+        bz, by, bx = ((p - s) // 2 for s, p in zip(shape, padded))
+        sz, sy, sx = (
+            tuple(int(s) for s in axis)
+            for axis in compute_steps_for_sliding_window(padded, patch, tile_step)
+        )
         return cls(
-            shape=tuple(shape),
-            patch=tuple(patch),
-            padded=padded,  # type: ignore[arg-type]
-            pad_below=pad_below,  # type: ignore[arg-type]
-            steps=tuple(tuple(int(s) for s in axis) for axis in steps),
-        )  # type: ignore[arg-type]
+            shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+            patch=(int(patch[0]), int(patch[1]), int(patch[2])),
+            padded=padded,
+            pad_below=(bz, by, bx),
+            steps=(sz, sy, sx),
+        )
 
     @property
     def tiles_per_row(self) -> int:
