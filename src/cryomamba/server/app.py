@@ -19,7 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 from ..job import JobState
 from .errors import ApiError, error_response
 from .jobs import JobRoutes
-from .metrics import Metrics
+from .metrics import RUNNING_STATES, Metrics
 from .middleware import AuthMiddleware, RateLimitMiddleware, RequestContextMiddleware
 from .routes import artifact, health, info, metrics, openapi
 from .runner import JobRunner, detect_devices
@@ -46,9 +46,14 @@ class ServerState:
             folder.mkdir(parents=True, exist_ok=True)
         self.secret = load_secret(settings)
         self.storage = Storage(settings.db_path)
-        self.metrics = Metrics(self.storage.count_by_state)
+        self.metrics = Metrics(
+            self.storage.count_by_state,
+            running_jobs=lambda: self.storage.jobs_in(*RUNNING_STATES),
+            data_dir=settings.data_dir,
+        )
         self.uploads = UploadService(settings, self.storage, self.metrics)
         self.devices = settings.devices or detect_devices()
+        self.metrics.add_devices(self.devices)
         self.runner = JobRunner(
             self.storage,
             settings.artifacts_dir,

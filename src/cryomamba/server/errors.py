@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import CryoMambaError
 
-__all__ = ["ApiError", "error_response"]
+__all__ = ["ERROR_CODE_HEADER", "ApiError", "error_response"]
 
 
 class ApiError(Exception):
@@ -51,8 +51,14 @@ class ApiError(Exception):
         return {"error": body}
 
 
+ERROR_CODE_HEADER = "x-cryomamba-error-code"
+
+
 def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
+    """The envelope as a response. It carries the code in `ERROR_CODE_HEADER` too, which the
+    request middleware counts (`cryomamba_http_errors`) and removes before it is sent."""
+    headers = {**exc.headers, ERROR_CODE_HEADER: exc.code}
+    return JSONResponse(exc.envelope(), status_code=exc.status, headers=headers)
 
 
 def not_found(what: str, ident: str) -> ApiError:

@@ -20,12 +20,13 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import decode_token, missing_token
-from .errors import ApiError, error_response
+from .errors import ERROR_CODE_HEADER, ApiError, error_response
 
 __all__ = ["AuthMiddleware", "RateLimitMiddleware", "RequestContextMiddleware", "TokenBucket"]
 
 access_log = logging.getLogger("cryomamba.server.access")
 
+_ERROR_CODE = ERROR_CODE_HEADER.encode()
 PUBLIC_PATHS = frozenset({"/v1/healthz", "/v1/openapi.json", "/metrics"})
 
 
@@ -55,12 +56,18 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         start = time.perf_counter()
         status = [0]
+        error_code: list[str | None] = [None]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                headers = []
+                for name, value in message.get("headers", []):
+                    if name.lower() == _ERROR_CODE:  # internal: counted here, never sent
+                        error_code[0] = value.decode("latin-1")
+                    else:
+                        headers.append((name, value))
+                message["headers"] = [*headers, (b"x-request-id", rid.encode())]
             elif message["type"] == "websocket.accept":
                 status[0] = 101
             await send(message)
@@ -92,6 +99,8 @@ class RequestContextMiddleware:
                 method = scope.get("method", "WS")
                 self.metrics.requests.labels(method, route, str(status[0])).inc()
                 self.metrics.latency.labels(route).observe(elapsed)
+                if error_code[0] is not None:
+                    self.metrics.errors.labels(error_code[0], str(status[0])).inc()
 
 
 class AuthMiddleware:
