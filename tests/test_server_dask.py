@@ -122,3 +122,38 @@ def test_two_jobs_at_once_on_the_cluster_with_previews_on_both_websockets(setup)
             assert not list(served.glob(".tmp-*"))
     finally:
         server.stop()
+
+
+def test_a_server_killed_mid_job_recovers_it_and_its_cluster_task_stops(setup):
+    base, models, root, cluster = setup
+    data = base / "data-restart"
+    args = ["--executor", "dask", "--cluster", cluster.scheduler_address]
+    server = LiveServer(data, models_dir=models, roots=[root], extra_args=args)
+    server.start()
+    try:
+        with server.client(server.token("alice", "read,submit")) as client:
+            body = {"server_path": "t0.mrc", "config": {"model": "tiny", "tile_step": 0.1}}
+            job_id = client.post("/v1/jobs", json=body).json()["id"]
+            deadline = time.monotonic() + 120
+            while not (client.get(f"/v1/jobs/{job_id}").json()["progress"] or {}).get("tiles_done"):
+                assert time.monotonic() < deadline, server.log()[-2000:]
+                time.sleep(0.1)
+        server.kill()  # SIGKILL mid-job: its Dask client is gone, so the task is not wanted
+        server.start()
+        with server.client(server.token("alice", "read")) as client:
+            record = client.get(f"/v1/jobs/{job_id}").json()
+        assert record["state"] == "failed" and record["error"]["code"] == "server_restarted"
+        # the orphaned task cancels itself: the workers are free, no artifacts appear
+        from distributed import Client
+
+        def busy(dask_worker) -> int:  # task threads still running, released ones too
+            return len(dask_worker.active_threads)
+
+        with Client(cluster, set_as_default=False) as c:
+            deadline = time.monotonic() + 30
+            while any(c.run(busy).values()):
+                assert time.monotonic() < deadline, c.run(busy)
+                time.sleep(0.2)
+        assert not (data / "artifacts" / job_id / "mask.mrc").exists()
+    finally:
+        server.stop()

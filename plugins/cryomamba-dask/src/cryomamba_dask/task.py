@@ -102,9 +102,13 @@ def _count_run(name: str) -> int:
     return runs
 
 
-def _watch_cancel(name: str, job: Any, done: threading.Event) -> threading.Thread:
+def _watch_cancel(
+    name: str, job: Any, done: threading.Event, worker: Any, key: Any
+) -> threading.Thread:
     """Cancel `job` as soon as the client sets the Dask Event `name` (a blocking wait on the
-    scheduler, renewed every second until the job is over: no file or flag polling)."""
+    scheduler, renewed every second until the job is over: no file or flag polling), or
+    when the scheduler no longer wants the task (its client is gone, e.g. a server killed
+    mid-job): an orphan never runs on, nor writes artifacts nobody will record."""
     from distributed import Event
 
     flag = Event(name)
@@ -112,7 +116,8 @@ def _watch_cancel(name: str, job: Any, done: threading.Event) -> threading.Threa
     def watch() -> None:
         while not done.is_set():
             try:
-                if flag.wait(timeout=1):  # short: no wait outlives the job by much
+                # a short wait, so that none outlives the job by much
+                if flag.wait(timeout=1) or _abandoned(worker, key):
                     job.cancel()
                     return
             except Exception:  # the scheduler went away: the task ends with the worker
@@ -121,6 +126,12 @@ def _watch_cancel(name: str, job: Any, done: threading.Event) -> threading.Threa
     thread = threading.Thread(target=watch, name=f"cryomamba-cancel-{name[-8:]}", daemon=True)
     thread.start()
     return thread
+
+
+def _abandoned(worker: Any, key: Any) -> bool:
+    """Whether the scheduler released the running task (no client wants its result)."""
+    ts = worker.state.tasks.get(key)
+    return ts is None or ts.state in ("cancelled", "released", "forgotten")
 
 
 def _open(source: Any, spec: dict[str, Any], worker: Any) -> Any:
@@ -196,7 +207,7 @@ def run_job(spec: dict[str, Any], source: Any) -> dict[str, Any]:
         config = JobConfig.from_dict(spec["config"])
         volume = _open(source, spec, worker)
         job = _local_executor(worker.state.nthreads).submit(volume, config)
-        _watch_cancel(spec["cancel"], job, done)
+        _watch_cancel(spec["cancel"], job, done, worker, worker.get_current_task())
         for event in job.events():
             if isinstance(event, (Progress, Preview)):
                 sender.event(event)
