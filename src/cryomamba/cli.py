@@ -208,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: read, upload, submit, admin (default read,upload,submit)",
     )
     add("--ttl", default="30d", help="lifetime, e.g. 12h or 30d (default 30d)")
+
+    add = command("backup", "snapshot a server's data folder, live (`backup verify B`: check one)")
+    add("action", nargs="?", choices=["verify"], help="verify: re-hash backup B")
+    add("backup", nargs="?", type=Path, metavar="B", help="with verify: a backup or --to folder")
+    add("--data-dir", type=Path, default=Path("cryomamba-data"), help="the server's data folder")
+    add("--to", type=Path, metavar="B", help="folder of backups (each in a timestamped folder)")
+    add("--keep", type=int, metavar="N", help="then keep only the newest N complete backups")
+
+    add = command("restore", "restore a backup into a new, empty data folder")
+    add("backup", type=Path, metavar="B", help="a backup, or a --to folder (its newest backup)")
+    add("--data-dir", type=Path, required=True, help="the new data folder (absent or empty)")
     return parser
 
 
@@ -284,6 +295,44 @@ def _cmd_token(args: argparse.Namespace, ui: _UI) -> int:
     except ValueError as exc:
         raise _UsageError(str(exc), hint="see `cryomamba token --help`") from None
     print(token)
+    return 0
+
+
+def _cmd_backup(args: argparse.Namespace, ui: _UI) -> int:
+    from .server import backup
+
+    if args.action == "verify":
+        if args.backup is None:
+            raise _UsageError("backup verify needs the backup: `cryomamba backup verify B`")
+        path = backup.resolve_backup(args.backup)
+        manifest, problems = backup.verify_backup(path)
+        for problem in problems:
+            ui.err.print(escape(problem), soft_wrap=True)
+        if problems:
+            raise backup.BackupError(
+                f"backup {path} is damaged: {len(problems)} problem(s)",
+                hint="restore an older backup; take a new one once the cause is fixed",
+            )
+        files = manifest["files"].values()
+        print(f"ok: {path}: {len(files)} files, {sum(f['size'] for f in files)} bytes verified")
+        return 0
+    if args.backup is not None or args.to is None:
+        raise _UsageError(
+            "backup needs --to B (or `backup verify B`)",
+            hint="cryomamba backup --data-dir D --to B [--keep N]",
+        )
+    summary = backup.create_backup(args.data_dir, args.to, keep=args.keep)
+    for old in summary.removed:
+        ui.err.print(f"removed old backup {escape(str(old))}", soft_wrap=True)
+    print(summary.path)
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace, ui: _UI) -> int:
+    from .server.backup import restore_backup
+
+    used = restore_backup(args.backup, args.data_dir)
+    print(f"restored {used} into {args.data_dir}")
     return 0
 
 

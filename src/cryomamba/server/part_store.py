@@ -205,9 +205,11 @@ class PartStore:
                         removed += 1
         raw = self.settings.raw_dir
         if raw.is_dir():
-            known = self.storage.file_paths()
+            # by name (<file id>.mrc): a record may spell the folder differently (relative
+            # or absolute --data-dir, a restored backup), and must not lose its file for it
+            known = {Path(p).name for p in self.storage.file_paths()}
             for f in raw.iterdir():
-                if f.name not in busy and str(f) not in known:
+                if f.name not in busy and f.name not in known:
                     f.unlink(missing_ok=True)
                     removed += 1
         return removed
