@@ -37,6 +37,7 @@ from ..errors import CryoMambaError
 
 __all__ = [
     "BackupError",
+    "BackupSummary",
     "create_backup",
     "prune_backups",
     "resolve_backup",
@@ -92,7 +93,8 @@ def create_backup(data_dir: Path, root: Path, *, keep: int | None = None) -> Bac
     manifest: dict[str, dict[str, Any]] = {}
     with _connect(snapshot) as con:
         for (path,) in con.execute("SELECT path FROM files").fetchall():
-            _take(data_dir, folder, f"raw/{Path(path).name}", manifest, summary)
+            if not _take(data_dir, folder, f"raw/{Path(path).name}", manifest, summary):
+                log.warning("raw/%s is recorded but missing from %s", Path(path).name, data_dir)
         for (job_id,) in con.execute("SELECT id FROM jobs WHERE state = 'completed'").fetchall():
             job_dir = data_dir / "artifacts" / job_id
             for f in sorted(job_dir.iterdir()) if job_dir.is_dir() else []:
