@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -111,6 +112,11 @@ class DaskExecutor:
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="cryomamba-dask-events", daemon=True
+        )
+        self._dispatcher.start()
         self.client.subscribe_topic(self.topic, self._on_event)
 
     def __repr__(self) -> str:
@@ -191,6 +197,7 @@ class DaskExecutor:
         except Exception:  # the scheduler may be gone already
             pass
         self._conn.close()
+        self._inbox.put(None)
         if self._own_out:
             self._remove_out()
 
@@ -237,24 +244,32 @@ class DaskExecutor:
         return None
 
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
-        """Runs on the client's event loop for every worker event of this executor's topic."""
+        """Runs on the client's event loop for every worker event of this executor's topic:
+        only queues it, so no job reader, sink or recorder ever blocks Dask's loop."""
         _, msg = event
         run = self._runs.get(msg.get("job", ""))
-        if run is None:
-            return
-        try:
-            if msg["type"] == "started":
-                run.started = True
-                run.worker = {k: msg[k] for k in ("worker", "pid", "run")}
-                if run.job.state == JobState.QUEUED:
-                    run.job.set_state(JobState.RUNNING)
-            else:
-                run.job.emit(decode(msg))
-        except Exception:  # a bad message must not break the client's loop
-            log.exception("job %s: could not handle a worker event", run.job.id)
-        with run.cond:
-            run.seen = max(run.seen, int(msg.get("seq", 0)))
-            run.cond.notify_all()
+        if run is not None and msg.get("type") == "started":
+            run.started = True  # at once: cancel() must know whether the task still waits
+            run.worker = {k: msg[k] for k in ("worker", "pid", "run")}
+        self._inbox.put(msg)
+
+    def _dispatch(self) -> None:
+        """The one thread that feeds worker events to their jobs, in arrival order."""
+        while (msg := self._inbox.get()) is not None:
+            run = self._runs.get(msg.get("job", ""))
+            if run is None:
+                continue
+            try:
+                if msg["type"] == "started":
+                    if run.job.state == JobState.QUEUED:
+                        run.job.set_state(JobState.RUNNING)
+                else:
+                    run.job.emit(decode(msg))
+            except Exception:  # a bad message must not stop the other jobs' events
+                log.exception("job %s: could not handle a worker event", run.job.id)
+            with run.cond:
+                run.seen = max(run.seen, int(msg.get("seq", 0)))
+                run.cond.notify_all()
 
     def _cancel(self, run: _Run) -> None:
         from distributed import Event
