@@ -5,9 +5,12 @@
    file on the same disk. Reported as throughput ratio (target >= 0.5x).
 2. Latency: p50/p95 of GET /v1/jobs/{id} from 50 concurrent clients (one token each, each
    on its own connection) while a job runs on the server (target p95 < 50 ms).
+3. Mixed load (`--mixed`, see _server_load.py): 60 s of 50 polling clients, 10 WebSocket
+   followers, 2 uploads and jobs running; errors and p95 per route, and what was lost (nothing).
 
     python benchmarks/server.py                 # 1 GiB upload, 50 clients; writes the doc
     python benchmarks/server.py --size-gib 0.25 --no-write
+    python benchmarks/server.py --mixed --skip upload --skip latency
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from _doc import machine, write_block  # noqa: E402
+from _server_load import mixed_benchmark  # noqa: E402
+from _server_load import report as mixed_report  # noqa: E402
 from server_fixtures import LiveServer  # noqa: E402
 
 MiB = 1 << 20
@@ -238,6 +243,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--interval", type=float, default=0.5, help="polling period, s")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per mode")
+    parser.add_argument("--mixed", action="store_true", help="also run the mixed load")
+    parser.add_argument("--mixed-duration", type=float, default=60.0)
+    parser.add_argument("--mixed-pollers", type=int, default=50)
+    parser.add_argument("--mixed-interval", type=float, default=2.0, help="polling period, s")
+    parser.add_argument("--mixed-followers", type=int, default=10)
+    parser.add_argument("--mixed-uploads", type=int, default=2)
+    parser.add_argument(
+        "--mixed-upload-planes", type=int, default=64, help="512x512 float32 planes per upload"
+    )
     parser.add_argument("--skip", choices=["upload", "latency"], action="append", default=[])
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: tmp)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
@@ -247,11 +261,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     up = None if "upload" in args.skip else upload_benchmark(args, work)
     lat = None if "latency" in args.skip else latency_benchmark(args, work)
-    print(up, lat, sep="\n")
-    text = report(up, lat, args)
-    print(text)
-    if not args.no_write:
-        write_block("server", "Server: upload vs cp, API latency during a job", text)
+    if up or lat:
+        print(up, lat, sep="\n")
+        text = report(up, lat, args)
+        print(text)
+        if not args.no_write:
+            write_block("server", "Server: upload vs cp, API latency during a job", text)
+    if args.mixed:
+        mixed = mixed_benchmark(args, work)
+        print(mixed)
+        text = "\n".join(
+            [f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.", *mixed_report(mixed, args)]
+        )
+        print(text)
+        if not args.no_write:
+            write_block("server-load", "Server: a mixed minute of load", text)
+        if mixed["problems"] or any(r["errors"] for r in mixed["routes"]):
+            raise SystemExit("the mixed load run found errors or lost something (see above)")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
