@@ -124,3 +124,34 @@ def test_batch_shows_the_table_and_refuses_cluster_without_dask(
     assert "a.mrc" in captured.out and "completed" in captured.out
     code = main(["batch", str(cohort), "-o", str(out), "--cluster", "slurm"])
     assert code == 2 and "--executor dask" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_segment_many_through_a_server_writes_here_and_a_rerun_skips(cohort, tmp_path):
+    """executor="remote": the same loop; the model is only on the server (matched by name)."""
+    pytest.importorskip("httpx")
+    from server_fixtures import LiveServer
+
+    from cryomamba.executors.remote import RemoteExecutor
+    from cryomamba.testing import make_model_folder
+
+    models = tmp_path / "models"
+    make_model_folder(models / "tiny", patch_size=(16, 16, 16), features=(4, 8, 16), seed=1)
+    server = LiveServer(tmp_path / "data", models_dir=models, extra_args=["--rate-limit", "10000"])
+    server.start()
+    ex = RemoteExecutor(server.url, server.token("alice", "read,upload,submit"))
+    try:
+        cfg = cm.JobConfig(model="tiny", formats=("mrc", "stats"))
+        out = tmp_path / "segs"
+        items = cm.segment_many(cohort, cfg, out=out, executor=ex)
+        assert [(i.state, i.error_code) for i in items] == [
+            ("completed", ""),
+            ("completed", ""),
+            ("failed", "invalid_volume"),
+        ]
+        assert (out / "a" / "mask.mrc").is_file() and (out / "b" / "stats.json").is_file()
+        again = cm.segment_many(cohort, cfg, out=out, executor=ex)
+        assert [i.state for i in again] == ["skipped", "skipped", "failed"]
+    finally:
+        ex.close()
+        server.stop()

@@ -119,7 +119,7 @@ def _same_config(ran: dict[str, Any], asked: dict[str, Any], device: str) -> boo
 
 
 def completed_stats(
-    out: Path, source: Path, config: JobConfig, model_sha256: str
+    out: Path, source: Path, config: JobConfig, model_sha256: str | None
 ) -> dict[str, Any] | None:
     """The stats.json of a complete earlier run in `out` for the same inputs, else None.
 
@@ -137,13 +137,32 @@ def completed_stats(
         stats = json.loads(stats_path.read_text(encoding="utf-8"))
         prov = stats["provenance"]
         same = (
-            prov["model"]["sha256"] == model_sha256
+            _same_model(prov["model"], config.model, model_sha256)
             and _same_config(prov["config"], config.to_dict(), str(prov.get("device", "")))
             and prov["source"]["sha256"] == _sha256(source)
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return stats if same else None
+
+
+def _same_model(recorded: dict[str, Any], model: str, sha256: str | None) -> bool:
+    """Same weights (checksum); for a model only a server knows (`remote`), the same name."""
+    if sha256 is not None:
+        return bool(recorded["sha256"] == sha256)
+    return bool(recorded["name"] == model)
+
+
+def _model_sha256(model: str) -> str | None:
+    """The model's checksum, or None when this machine does not have it (a server's model)."""
+    from .errors import ModelError
+    from .models import resolve_model
+
+    try:
+        return resolve_model(model).checksum()
+    except ModelError:
+        log.info("model %s is not on this machine: finished work is matched by its name", model)
+        return None
 
 
 def _voxels(stats: dict[str, Any]) -> dict[str, int]:
@@ -170,7 +189,6 @@ def segment_many(
     """
     from .artifacts import check_output_dir
     from .executors.base import get_executor
-    from .models import resolve_model
     from .sinks.file import FileSink
 
     config = config or JobConfig()
@@ -178,7 +196,7 @@ def segment_many(
     check_output_dir(out)
     sources = expand_inputs(inputs)
     items = [CohortItem(s, o) for s, o in zip(sources, _out_dirs(sources, out))]
-    model_sha = resolve_model(config.model).checksum() if skip_complete else ""
+    model_sha = _model_sha256(config.model) if skip_complete else None
     ex = get_executor(executor, **executor_options)
     formats = tuple(dict.fromkeys(("stats", *config.formats)))
     for item in items:
