@@ -104,7 +104,33 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     )
     opt("ssl-certfile", None, "TLS certificate (PEM); serve HTTPS with --ssl-keyfile", type=Path)
     opt("ssl-keyfile", None, "TLS private key (PEM)", type=Path)
+    p.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[w for w in (_env("webhook-allow") or "").split(",") if w.strip()],
+        help="a URL prefix (https://hooks.example.org/cryo/) or host[:port] jobs may notify "
+        "(repeatable; the variable takes a comma-separated list; default: none, no webhooks)",
+    )
+    opt(
+        "webhook-secret-file",
+        None,
+        "file with the webhook signing key (default: DATA_DIR/webhook.key, made on first boot; "
+        "$CRYOMAMBA_WEBHOOK_SECRET wins)",
+        type=Path,
+    )
+    opt("webhook-attempts", "12", "tries per webhook delivery before it is given up", type=int)
+    opt("webhook-max-age", "24h", "a webhook not delivered after this is given up", type=_duration)
+    opt("webhook-backoff", "2s", "wait after a failed webhook try; doubles", type=_duration)
+    opt("webhook-backoff-max", "10m", "longest wait between webhook tries", type=_duration)
+    opt("webhook-timeout", "10s", "per webhook try: connect and answer", type=_duration)
     opt("log-level", "info", "debug, info, warning or error")
+    opt(
+        "trusted-proxies",
+        "",
+        "comma-separated proxy addresses/networks whose X-Forwarded-For/-Proto are believed "
+        "(default: none)",
+    )
+    opt("audit-log", None, "also append the audit log's JSON lines to this file", type=Path)
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -145,7 +171,16 @@ def settings_from_args(args: argparse.Namespace):
         secret_file=Path(args.secret_file) if args.secret_file else None,
         ssl_certfile=Path(args.ssl_certfile) if args.ssl_certfile else None,
         ssl_keyfile=Path(args.ssl_keyfile) if args.ssl_keyfile else None,
+        webhook_allow=tuple(w.strip() for w in args.webhook_allow if w.strip()),
+        webhook_secret_file=Path(args.webhook_secret_file) if args.webhook_secret_file else None,
+        webhook_attempts=int(args.webhook_attempts),
+        webhook_max_age_s=typed(args.webhook_max_age, _duration),
+        webhook_backoff_s=typed(args.webhook_backoff, _duration),
+        webhook_backoff_max_s=typed(args.webhook_backoff_max, _duration),
+        webhook_timeout_s=typed(args.webhook_timeout, _duration),
         log_level=args.log_level,
+        trusted_proxies=split(args.trusted_proxies),
+        audit_log=Path(args.audit_log) if args.audit_log else None,
     )
 
 
@@ -157,7 +192,7 @@ def run(settings) -> None:
     from .server.limits import uvicorn_limits
     from .server.logs import configure_logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, audit_log=settings.audit_log)
     if settings.models_dir is not None:
         os.environ["CRYOMAMBA_MODELS_DIR"] = str(settings.models_dir)
     if not settings.loopback and not settings.tls:
@@ -176,6 +211,7 @@ def run(settings) -> None:
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         ws_ping_interval=None,
+        proxy_headers=False,  # the app trusts X-Forwarded-* only from --trusted-proxies
         timeout_graceful_shutdown=10,
         **uvicorn_limits(settings),
     )

@@ -18,7 +18,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from ..job import JobState
 from .errors import ApiError, error_response
-from .jobs import JobRoutes
+from .jobs import JobRoutes, job_record
 from .metrics import RUNNING_STATES, Metrics
 from .middleware import AuthMiddleware, RateLimitMiddleware, RequestContextMiddleware
 from .routes import artifact, health, info, metrics, openapi
@@ -26,6 +26,7 @@ from .runner import JobRunner, detect_devices
 from .settings import ServerSettings, load_secret
 from .storage import Storage
 from .uploads import UploadService
+from .webhooks import WebhookSender, load_webhook_secret
 from .websocket import job_socket
 
 __all__ = ["ServerState", "create_app"]
@@ -63,6 +64,13 @@ class ServerState:
             executor=settings.executor,
             executor_options=_executor_options(settings),
         )
+        self.webhooks = WebhookSender(
+            self.storage, settings, load_webhook_secret(settings), self._webhook_body
+        )
+
+    def _webhook_body(self, job_id: str) -> dict[str, Any] | None:
+        row = self.storage.job(job_id)
+        return job_record(self, row) if row is not None else None
 
     def model_names(self) -> list[str]:
         from .. import plugins
@@ -92,6 +100,7 @@ class ServerState:
         self._clean_artifacts()
         log.info("boot: jobs %s, clean-up %s", recovered, cleaned)
         self.runner.start()
+        self.webhooks.start()
 
     def _clean_artifacts(self) -> None:
         """Keep only completed jobs' folders, without leftover temporary files."""
@@ -112,6 +121,7 @@ class ServerState:
 
     def shutdown(self) -> None:
         self.runner.stop()
+        self.webhooks.stop()  # after the runner: the jobs it ended get their deliveries queued
         self.storage.close()
 
 
@@ -198,6 +208,7 @@ def create_app(settings: ServerSettings) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[
+            *_proxy_middleware(settings),
             Middleware(RequestContextMiddleware, metrics=server.metrics, routes=routes),
             Middleware(
                 AuthMiddleware,
@@ -215,6 +226,19 @@ def create_app(settings: ServerSettings) -> Starlette:
     )
     app.state.server = server
     return app
+
+
+def _proxy_middleware(settings: ServerSettings) -> list[Middleware]:
+    """X-Forwarded-For/-Proto set the client address and scheme, from `trusted_proxies` only.
+
+    Outermost, so the access log, the audit log and the per-address limits all see the real
+    client. From any other peer (and with no trusted proxy, the default) the headers are
+    ignored: anyone can forge them."""
+    if not settings.trusted_proxies:
+        return []
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    return [Middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))]
 
 
 async def _clean_periodically(server: ServerState) -> None:

@@ -14,12 +14,14 @@ from starlette.responses import JSONResponse
 from ..config import JobConfig
 from ..errors import CryoMambaError
 from ..job import TERMINAL_STATES, JobState
+from . import audit
 from .auth import sign_artifact
 from .errors import ApiError, not_found
 from .job_checks import ModelFacts
 from .paths import file_identity, open_job_source, open_nofollow, resolve_server_path
 from .storage import new_id
 from .uploads import json_body
+from .webhooks import check_url
 
 __all__ = ["JobRoutes", "job_record"]
 
@@ -57,7 +59,17 @@ def job_record(server, row: dict[str, Any]) -> dict[str, Any]:
         "progress": progress,
         "error": row["error"],
         "artifacts": artifacts,
+        "notify_url": row.get("notify_url"),
+        "webhook": _webhook_status(server.storage.webhook(row["id"])),
     }
+
+
+def _webhook_status(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The delivery of the job's webhook: pending, delivered or failed (given up)."""
+    if row is None:
+        return None
+    keys = ("state", "attempts", "created_at", "next_at", "delivered_at", "last_error")
+    return {k: row[k] for k in keys}
 
 
 class JobRoutes:
@@ -69,15 +81,18 @@ class JobRoutes:
         principal = request.state.principal
         principal.require("submit")
         body = await json_body(request)
-        unknown = sorted(set(body) - {"file_id", "server_path", "config"})
+        unknown = sorted(set(body) - {"file_id", "server_path", "config", "notify_url"})
         if unknown:
             raise ApiError(
                 422,
                 "invalid_request",
                 f"unknown field(s): {', '.join(unknown)}",
-                "send {file_id or server_path, config}",
+                "send {file_id or server_path, config, notify_url (optional)}",
             )
         config = self._config(body.get("config", {}))
+        notify_url = body.get("notify_url")
+        if notify_url is not None:
+            check_url(notify_url, self.server.webhooks.rules)
         source = await self._source(request, body)
         facts = await anyio.to_thread.run_sync(self._model, config.model)
         facts.check(config, source, self.server.settings.max_tiles)
@@ -97,8 +112,10 @@ class JobRoutes:
             "progress": None,
             "error": None,
             "artifacts": None,
+            "notify_url": notify_url,
         }
         self.server.runner.enqueue(row)
+        audit.note(request, row["id"])
         return JSONResponse(job_record(self.server, self.server.storage.job(row["id"])), 201)
 
     async def list(self, request: Request) -> JSONResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 __all__ = ["JsonFormatter", "configure_logging"]
 
@@ -26,7 +27,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(level: str = "info") -> None:
+def configure_logging(level: str = "info", audit_log: Path | None = None) -> None:
     """Send every logger (ours and uvicorn's) through one JSON handler on stderr.
 
     Whatever an entry point set up before (the `cryomamba` command's rich handler and its
@@ -43,3 +44,13 @@ def configure_logging(level: str = "info") -> None:
         logger.setLevel(logging.NOTSET)
         logger.propagate = True
     logging.captureWarnings(True)  # warnings.warn(...) as JSON lines too, not raw stderr text
+    audit = logging.getLogger("cryomamba.audit")
+    audit.setLevel(logging.INFO)  # written whatever the server's level: it is a record, not noise
+    for old in audit.handlers[:]:
+        audit.removeHandler(old)
+        old.close()
+    if audit_log is not None:  # its own file as well (the main log keeps every line too)
+        audit_log.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(audit_log, encoding="utf-8")
+        file_handler.setFormatter(JsonFormatter())
+        audit.addHandler(file_handler)

@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import audit
 from .auth import decode_token, missing_token
 from .errors import ERROR_CODE_HEADER, ApiError, error_response
 
@@ -40,12 +41,13 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics=None, routes: list | None = None) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes or []
 
-    def _route(self, scope: Scope) -> str:
+    def _route(self, scope: Scope) -> tuple[str, dict[str, Any]]:
+        """The matched route's path template and its path parameters."""
         for route in self.routes:
-            match, _ = route.matches(scope)
+            match, child = route.matches(scope)
             if match == Match.FULL:
-                return getattr(route, "path", "?")
-        return "unmatched"
+                return getattr(route, "path", "?"), dict(child.get("path_params", {}))
+        return "unmatched", {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -76,8 +78,9 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
-            route = self._route(scope)
+            route, params = self._route(scope)
             principal = scope.get("state", {}).get("principal")
+            client = scope.get("client") or ("?", 0)  # the real one behind a trusted proxy
             access_log.info(
                 "%s %s %s",
                 scope.get("method", "WS"),
@@ -92,11 +95,13 @@ class RequestContextMiddleware:
                         "status": status[0],
                         "ms": round(elapsed * 1000, 2),
                         "subject": principal.subject if principal else None,
+                        "client": client[0],
                     }
                 },
             )
+            method = scope.get("method", "WS")
+            audit.record(scope, audit.action_for(method, route), params, status[0], error_code[0])
             if self.metrics is not None:
-                method = scope.get("method", "WS")
                 self.metrics.requests.labels(method, route, str(status[0])).inc()
                 self.metrics.latency.labels(route).observe(elapsed)
                 if error_code[0] is not None:

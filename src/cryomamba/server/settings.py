@@ -49,6 +49,15 @@ class ServerSettings:
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     log_level: str = "info"
+    webhook_allow: tuple[str, ...] = ()  # URL prefixes / host[:port] jobs may notify; none
+    webhook_secret_file: Path | None = None  # the webhook signing key (DATA_DIR/webhook.key)
+    webhook_attempts: int = 12  # tries per delivery before it is given up
+    webhook_max_age_s: float = 24 * 3600.0  # a delivery not done after this is given up
+    webhook_backoff_s: float = 2.0  # the wait after the first failed try; doubles each time
+    webhook_backoff_max_s: float = 600.0  # the longest wait between tries
+    webhook_timeout_s: float = 10.0  # connect + answer, per try
+    trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose X-Forwarded-* are believed
+    audit_log: Path | None = None  # also write the audit log's JSON lines to this file
 
     def __post_init__(self) -> None:
         if self.on_restart not in ("fail", "requeue"):
@@ -77,9 +86,23 @@ class ServerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.webhook_attempts < 1:
+            raise ConfigError(f"webhook_attempts must be at least 1, got {self.webhook_attempts}")
+        for name in (
+            "webhook_max_age_s",
+            "webhook_backoff_s",
+            "webhook_backoff_max_s",
+            "webhook_timeout_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        from .webhooks import parse_allow
+
+        parse_allow(self.webhook_allow)  # a typo must fail at start, not refuse every job
         for name in ("header_timeout_s", "idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        _check_proxies(self.trusted_proxies)
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ConfigError(
                 "TLS needs both a certificate and a key",
@@ -110,12 +133,30 @@ class ServerSettings:
         return self.secret_file or self.data_dir / "secret.key"
 
     @property
+    def webhook_secret_path(self) -> Path:
+        return self.webhook_secret_file or self.data_dir / "webhook.key"
+
+    @property
     def loopback(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1")
 
     @property
     def tls(self) -> bool:
         return self.ssl_certfile is not None
+
+
+def _check_proxies(proxies: tuple[str, ...]) -> None:
+    """Each trusted proxy must be an IP address or network: a typo must not trust everyone."""
+    import ipaddress
+
+    for item in proxies:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"trusted proxy {item!r} is not an IP address or network",
+                hint="e.g. --trusted-proxies 127.0.0.1,::1 or 10.0.0.0/24",
+            ) from None
 
 
 def load_secret(settings: ServerSettings, *, create: bool = True) -> bytes:

@@ -22,6 +22,7 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from . import audit
 from .errors import ApiError, not_found
 from .part_store import PartStore
 from .settings import ServerSettings
@@ -175,6 +176,7 @@ class UploadService:
                 self.storage.update_upload(row["id"], expires_at=now + self.settings.upload_ttl_s)
                 row = self._row(row["id"])
             log.info("upload %s resumed by %s", row["id"], principal.subject)
+            audit.note(request, row["id"])
             return JSONResponse(upload_record(row, self.storage.parts(row["id"])), 200)
         upload_id = new_id()
         row = {
@@ -192,6 +194,7 @@ class UploadService:
         }
         self.store.part_dir(upload_id).mkdir(parents=True, exist_ok=True)
         self.storage.add_upload(row)
+        audit.note(request, upload_id)
         return JSONResponse(upload_record(row, {}), 201)
 
     async def status(self, request: Request) -> JSONResponse:
