@@ -90,9 +90,9 @@ class JobRoutes:
                 "send {file_id or server_path, config, notify_url (optional)}",
             )
         config = self._config(body.get("config", {}))
-        notify_url = body.get("notify_url")
-        if notify_url is not None:
-            check_url(notify_url, self.server.webhooks.rules)
+        notify_url = None
+        if "notify_url" in body:  # checked first: a refused URL must not cost a model read
+            notify_url = check_url(body["notify_url"], self.server.webhooks.rules)
         source = await self._source(request, body)
         facts = await anyio.to_thread.run_sync(self._model, config.model)
         facts.check(config, source, self.server.settings.max_tiles)

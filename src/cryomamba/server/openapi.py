@@ -136,6 +136,14 @@ SCHEMAS: dict[str, Any] = {
             "file_id": {"type": "string"},
             "server_path": {"type": "string", "minLength": 1},
             "config": _ref("JobConfig"),
+            "notify_url": {
+                "type": "string",
+                "maxLength": 2048,
+                "pattern": "^https?://",
+                "description": "http(s) URL the server POSTs the job record to when the job "
+                "ends (signed; see docs/server.md, Webhooks); only destinations the operator "
+                "allows (--webhook-allow), else 422 webhook_not_allowed",
+            },
         },
         "oneOf": [{"required": ["file_id"]}, {"required": ["server_path"]}],
     },
@@ -204,6 +212,21 @@ SCHEMAS: dict[str, Any] = {
                         "size": {"type": "integer"},
                         "expires_at": {"type": "integer"},
                     },
+                },
+            },
+            "notify_url": NULLABLE_STRING,
+            "webhook": {
+                "type": "object",
+                "nullable": True,
+                "description": "the delivery of the job's webhook, once the job has ended",
+                "required": ["state", "attempts", "created_at", "next_at"],
+                "properties": {
+                    "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                    "attempts": {"type": "integer"},
+                    "created_at": {"type": "number"},
+                    "next_at": {"type": "number"},
+                    "delivered_at": NULLABLE_NUMBER,
+                    "last_error": NULLABLE_STRING,
                 },
             },
         },
@@ -312,6 +335,13 @@ def openapi_document(
         # models or devices: records are checked against the general rules only.
         "JobConfigRecord": _job_config_schema((), ()),
     }
+    if settings is not None and not settings.webhook_allow:  # no notify_url is accepted
+        submit = schemas["JobSubmit"]
+        notify = {"not": {}, "description": "this server sends no webhooks (no --webhook-allow)"}
+        schemas["JobSubmit"] = {
+            **submit,
+            "properties": {**submit["properties"], "notify_url": notify},
+        }
     paths: dict[str, Any] = {
         "/v1/healthz": {
             "get": {

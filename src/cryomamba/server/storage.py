@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,7 +40,26 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT, error TEXT, artifacts TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL, event TEXT NOT NULL, url TEXT NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL, created_at REAL NOT NULL,
+    next_at REAL NOT NULL, delivered_at REAL, last_error TEXT, UNIQUE (job_id, event)
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (state, next_at);
 """
+
+# Columns added after a database may have been made: (table, column, type).
+_ADDED_COLUMNS = (("jobs", "notify_url", "TEXT"),)
+
+_TERMINAL = ("completed", "failed", "canceled")
+
+# The webhook outbox row for a job that has just ended and names a notify_url (none else).
+_OUTBOX_INSERT = (
+    "INSERT OR IGNORE INTO webhooks (id, job_id, event, url, state, attempts, created_at, "
+    "next_at) SELECT lower(hex(randomblob(16))), id, state, notify_url, 'pending', 0, ?, ? "
+    "FROM jobs WHERE id = ? AND notify_url IS NOT NULL "
+    "AND state IN ('completed', 'failed', 'canceled')"
+)
 
 _JSON_COLUMNS = {"meta", "source", "config", "model", "progress", "error", "artifacts"}
 
@@ -60,6 +80,18 @@ class Storage:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """An older database gains the columns added since (SQLite's ADD COLUMN is cheap)."""
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def close(self) -> None:
         with self._lock:
@@ -183,7 +215,25 @@ class Storage:
         )
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        self._update("jobs", job_id, fields)
+        """Update a job; one that ends (a terminal state) gets its webhook outbox row in the
+        same transaction, so a crash cannot lose the notification."""
+        if fields.get("state") not in _TERMINAL:
+            self._update("jobs", job_id, fields)
+            return
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        now = fields.get("finished_at") or time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    f"UPDATE jobs SET {sets} WHERE id = ?",
+                    (*map(_encode, fields.values()), job_id),
+                )
+                self._db.execute(_OUTBOX_INSERT, (now, now, job_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def jobs_in(self, *states: str) -> list[dict[str, Any]]:
         marks = ", ".join("?" for _ in states)
@@ -215,10 +265,20 @@ class Storage:
 
     def cancel_if_queued(self, job_id: str, finished_at: float) -> bool:
         """Cancel a job that has not started; False if it had already left the queue."""
-        cur = self._run(
-            "UPDATE jobs SET state = 'canceled', finished_at = ? WHERE id = ? AND state = 'queued'",
-            [finished_at, job_id],
-        )
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "UPDATE jobs SET state = 'canceled', finished_at = ? "
+                    "WHERE id = ? AND state = 'queued'",
+                    (finished_at, job_id),
+                )
+                if cur.rowcount == 1:
+                    self._db.execute(_OUTBOX_INSERT, (finished_at, finished_at, job_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return cur.rowcount == 1
 
     def queue_position(self, job_id: str, created_at: float) -> int:
@@ -227,6 +287,23 @@ class Storage:
             [created_at],
         )
         return int(row["n"]) if row else 0
+
+    # -- webhook outbox ---------------------------------------------------------------------
+    def due_webhooks(self, now: float, limit: int = 50) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT * FROM webhooks WHERE state = 'pending' AND next_at <= ? "
+            "ORDER BY next_at LIMIT ?",
+            [now, limit],
+        )
+
+    def webhook(self, job_id: str) -> dict[str, Any] | None:
+        """A job's delivery (a job ends once, so it has at most one)."""
+        return self._one(
+            "SELECT * FROM webhooks WHERE job_id = ? ORDER BY created_at DESC LIMIT 1", [job_id]
+        )
+
+    def update_webhook(self, webhook_id: str, **fields: Any) -> None:
+        self._update("webhooks", webhook_id, fields)
 
     def count_by_state(self) -> dict[str, int]:
         rows = self._rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
