@@ -66,6 +66,33 @@ elif ! command -v dpkg-query >/dev/null 2>&1; then
     "yourself, or the napari tests will skip." >&2
 fi
 
+# Debian's nginx, for tests/test_nginx.py (a real TLS proxy in front of a real server; docs:
+# server.md "Behind nginx"). Same rules: only when missing, --no-upgrade, root only; without
+# it the nginx tests skip with the reason.
+NGINX_PACKAGES=(nginx)
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+  for pkg in "${NGINX_PACKAGES[@]}"; do
+    if [ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null)" != "installed" ]; then
+      missing+=("$pkg")
+    fi
+  done
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian packages for the nginx tests: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    if ! { apt-get update -qq &&
+      apt-get install -y -qq --no-install-recommends --no-upgrade "${missing[@]}" >/dev/null; }
+    then
+      echo "warning: apt-get could not install nginx; the nginx tests will skip." >&2
+    fi
+  else
+    echo "warning: nginx is missing; not root or no apt-get, so it is not installed and" \
+      "the nginx tests will skip." >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
