@@ -293,3 +293,43 @@ def test_an_untrusted_proxy_is_not_believed(stack, tmp_path):  # stack: skips li
     finally:
         nginx.stop()
         other.stop()
+
+
+UNIT = CONF.parents[1] / "systemd" / "cryomamba.service"
+
+
+def test_the_systemd_unit_names_real_settings():
+    """Every CRYOMAMBA_SERVER_* the unit's example sets is a flag of `cryomamba serve`, and
+    the data dir it sets is writable under ProtectSystem=strict."""
+    import argparse
+
+    from cryomamba.serve import add_server_arguments
+
+    text = UNIT.read_text()
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    flags = {a.dest.upper() for a in parser._actions if a.dest != "help"}
+    named = set(re.findall(r"CRYOMAMBA_SERVER_([A-Z_]+)=", text))
+    assert named and named <= flags, named - flags
+    settings = dict(re.findall(r"^(\w+)=(.*)$", text, re.MULTILINE))
+    assert settings["Restart"] == "on-failure" and settings["NoNewPrivileges"] == "yes"
+    assert settings["ProtectSystem"] == "strict"
+    data_dir = re.search(r"CRYOMAMBA_SERVER_DATA_DIR=(\S+)", text)
+    assert data_dir and data_dir.group(1) in settings["ReadWritePaths"].split()
+    assert settings["WorkingDirectory"] == data_dir.group(1)
+
+
+def test_systemd_accepts_the_unit(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    out = subprocess.run(
+        [analyze, "verify", str(UNIT)], capture_output=True, text=True, cwd=tmp_path
+    )
+    # ExecStart's path exists only on an installed machine; anything else is a real problem
+    problems = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if line.strip() and "is not executable" not in line
+    ]
+    assert not problems, problems
