@@ -333,3 +333,21 @@ def test_systemd_accepts_the_unit(tmp_path):
         if line.strip() and "is not executable" not in line
     ]
     assert not problems, problems
+
+
+def test_a_largest_part_passes_the_body_limit(stack):
+    """A 32 MiB part (the largest --part-size allows) fits nginx's client_max_body_size."""
+    server, url, ca, _ = stack
+    token = server.token("dave", "read,upload")
+    part = 32 << 20
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, verify=_ctx(ca), headers=headers, timeout=60) as client:
+        init = client.post(
+            "/v1/uploads/init",
+            json={"filename": "big.mrc", "size": part + 1, "part_size": part},
+        )
+        assert init.status_code == 201, init.text
+        upload_id = init.json()["upload_id"]
+        put = client.put(f"/v1/uploads/{upload_id}/part/0", content=bytes(part))
+    assert put.status_code == 200, put.text
+    assert put.json()["parts_received"] == [0]
