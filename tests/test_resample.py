@@ -441,9 +441,11 @@ def test_remote_job_takes_the_override_like_a_local_one(tmp_path, noise_volume):
         with pytest.raises(cm.JobFailedError) as info:
             job.result(120)
         assert info.value.code == "voxel_size_unknown"
-        result = ex.submit(path, cm.JobConfig(model="tiny", voxel_size=13.48, formats=())).result(
-            120
-        )
+        override = cm.JobConfig(model="tiny", voxel_size=13.48, formats=())
+        result = ex.submit(path, override).result(120)
+        # a bare array has no voxel size: taken to be at the model's, as locally
+        bare = ex.submit(noise_volume[:16, :24, :24], cm.JobConfig(model="tiny", formats=()))
+        assert bare.result(120).shape == (16, 24, 24)
     finally:
         ex.close()
         live.stop()

@@ -238,7 +238,12 @@ class RemoteExecutor:
             raise _CanceledSignal
         # the result is built from mask.mrc and stats.json, so the server must write them
         formats = tuple(dict.fromkeys(("mrc", "stats", *config.formats)))
-        body = {**target, "config": config.replace(formats=formats).to_dict()}
+        sent = config.replace(formats=formats)
+        if _array_without_voxel_size(local, config):
+            # as with the local executor, it is taken to be at the model's voxel size; on the
+            # server it is a file saying 1 Å, which would be refused
+            sent = sent.replace(resample="off")
+        body = {**target, "config": sent.to_dict()}
         record = self.http.request("POST", "/v1/jobs", json=body, idempotent=False).json()
         with remote.lock:
             remote.job_id = str(record["id"])
@@ -418,6 +423,18 @@ class RemoteExecutor:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _array_without_voxel_size(local: Volume | None, config: JobConfig) -> bool:
+    """An in-memory volume whose voxel size is unknown or 1 Å, with no override."""
+    from ...spacing import header_trusted
+
+    return (
+        local is not None
+        and local.path is None
+        and config.voxel_size is None
+        and not header_trusted(local.voxel_size, local.voxel_size_known)
+    )
+
+
 def _local_volume(source: Any) -> Volume | None:
     """The source as a local `Volume` (validated: a corrupt file fails here), or None."""
     from ...sources import open_source
