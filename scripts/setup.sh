@@ -40,58 +40,40 @@ APT_PACKAGES=(
   libxcb-render-util0 libxcb-shape0 libxcb-xfixes0 libxcb-xkb1 libfontconfig1 libdbus-1-3
   fonts-dejavu-core
 )
-missing=()
-if command -v dpkg-query >/dev/null 2>&1; then
-  for pkg in "${APT_PACKAGES[@]}"; do
-    if [ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null)" != "installed" ]; then
-      missing+=("$pkg")
-    fi
-  done
-fi
-if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing Debian packages for headless napari: ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    if ! { apt-get update -qq &&
-      apt-get install -y -qq --no-install-recommends --no-upgrade "${missing[@]}" >/dev/null; }
-    then
-      echo "warning: apt-get could not install them; the napari tests will skip." >&2
-    fi
-  else
-    echo "warning: missing Debian packages for headless napari (${missing[*]}); not root" \
-      "or no apt-get, so they are not installed and the napari tests will skip." >&2
-  fi
-elif ! command -v dpkg-query >/dev/null 2>&1; then
-  echo "warning: not a Debian system; install Xvfb, Mesa (libGL/EGL) and the xcb libraries" \
-    "yourself, or the napari tests will skip." >&2
-fi
 
-# Debian's nginx, for tests/test_nginx.py (a real TLS proxy in front of a real server; docs:
-# server.md "Behind nginx"). Same rules: only when missing, --no-upgrade, root only; without
-# it the nginx tests skip with the reason.
-NGINX_PACKAGES=(nginx)
-missing=()
-if command -v dpkg-query >/dev/null 2>&1; then
-  for pkg in "${NGINX_PACKAGES[@]}"; do
+# install_missing WHAT PACKAGE...: apt-get install the packages that are not installed yet
+# (root only, --no-upgrade); otherwise warn that the tests needing WHAT will skip.
+install_missing() {
+  local what=$1 pkg
+  shift
+  local missing=()
+  if ! command -v dpkg-query >/dev/null 2>&1; then
+    echo "warning: not a Debian system; install $* yourself, or the $what tests will skip." >&2
+    return 0
+  fi
+  for pkg in "$@"; do
     if [ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null)" != "installed" ]; then
       missing+=("$pkg")
     fi
   done
-fi
-if [ "${#missing[@]}" -gt 0 ]; then
+  [ "${#missing[@]}" -gt 0 ] || return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing Debian packages for the nginx tests: ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    if ! { apt-get update -qq &&
-      apt-get install -y -qq --no-install-recommends --no-upgrade "${missing[@]}" >/dev/null; }
-    then
-      echo "warning: apt-get could not install nginx; the nginx tests will skip." >&2
+    echo "installing Debian packages for the $what tests: ${missing[*]}" >&2
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        --no-upgrade "${missing[@]}" >/dev/null; }; then
+      echo "warning: apt-get could not install them; the $what tests will skip." >&2
     fi
   else
-    echo "warning: nginx is missing; not root or no apt-get, so it is not installed and" \
-      "the nginx tests will skip." >&2
+    echo "warning: missing Debian packages (${missing[*]}); not root or no apt-get, so they" \
+      "are not installed and the $what tests will skip." >&2
   fi
-fi
+}
+
+install_missing "napari (headless Qt)" "${APT_PACKAGES[@]}"
+# Debian's nginx, for tests/test_nginx.py (a real TLS proxy in front of a real server; docs:
+# server.md "Behind nginx").
+install_missing nginx nginx
 
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
