@@ -256,3 +256,26 @@ def test_existing_artifacts_names_the_files_a_save_would_replace(tmp_path, label
     save_artifacts(tmp_path, labels, voxel_size=VOXEL, formats=["mrc", "stats"])
     assert existing_artifacts(tmp_path, FORMATS) == [tmp_path / "mask.mrc", tmp_path / "stats.json"]
     assert existing_artifacts(tmp_path, ["png"]) == []
+
+
+def test_check_output_dir_for_sibling_outputs_from_many_threads_at_once(tmp_path):
+    """Jobs checking sibling folders under one new parent (segs/a, segs/b) do not trip over
+    each other's mkdir and cleanup; each check still leaves nothing behind."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from cryomamba.artifacts import check_output_dir
+
+    threads = 8
+    for round_ in range(30):
+        parent = tmp_path / f"segs{round_}"
+        barrier = Barrier(threads)
+
+        def check(i: int, parent: Path = parent, barrier: Barrier = barrier) -> None:
+            barrier.wait()
+            check_output_dir(parent / f"tomo{i}")
+
+        with ThreadPoolExecutor(threads) as pool:
+            for future in [pool.submit(check, i) for i in range(threads)]:
+                future.result()  # an OutputError here is the race
+        assert not parent.exists() or not any(parent.iterdir())

@@ -233,8 +233,8 @@ def check_output_dir(folder: str | os.PathLike[str]) -> None:
     created: list[Path] = []
     try:
         for part in missing:
-            part.mkdir()
-            created.append(part)
+            if _mkdir_racing(part):
+                created.append(part)
         fd, probe = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}probe-", dir=target)
         os.close(fd)
         os.unlink(probe)
@@ -248,6 +248,21 @@ def check_output_dir(folder: str | os.PathLike[str]) -> None:
         for part in reversed(created):
             with contextlib.suppress(OSError):
                 part.rmdir()
+
+
+def _mkdir_racing(folder: Path) -> bool:
+    """mkdir that tolerates another process making sibling outputs at the same moment: True
+    if we created `folder`, False if it appeared meanwhile (then it is not ours to remove)."""
+    try:
+        folder.mkdir()
+        return True
+    except FileExistsError:
+        if not folder.is_dir():
+            raise
+        return False
+    except FileNotFoundError:  # the other process's probe removed the parent it had made
+        folder.mkdir(parents=True, exist_ok=True)
+        return True
 
 
 def existing_artifacts(folder: str | os.PathLike[str], formats: Iterable[str]) -> list[Path]:
