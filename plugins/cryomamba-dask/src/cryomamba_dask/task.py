@@ -47,6 +47,33 @@ def _local_executor(nthreads: int) -> Any:
         return _executor
 
 
+def _undo_malloc_trim() -> None:
+    """Give glibc back its own allocation thresholds if Dask's nanny set MALLOC_TRIM_THRESHOLD_.
+
+    Setting that variable (Dask does, so idle workers return memory to the OS) also switches
+    off glibc's adaptive mmap threshold: every tensor over 128 KiB is then mmap'd and unmapped
+    again, and each tile's buffers fault in fresh zeroed pages. Measured on the bundled model:
+    3.4× the system time and 1.5× the wall time of the same jobs in a plain process. The
+    values below are where glibc's adaptive thresholds settle for blocks of up to 32 MiB.
+    """
+    global _malloc_fixed
+    if _malloc_fixed or "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return
+    _malloc_fixed = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): the variable means nothing there
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 64 << 20)
+
+
+_malloc_fixed = False
+
+
 def _set_torch_threads(threads: int | None) -> None:
     global _threads_set
     if threads and threads != _threads_set:
@@ -203,6 +230,7 @@ def run_job(spec: dict[str, Any], source: Any) -> dict[str, Any]:
     _clean_temporaries(out)
     done = threading.Event()
     try:
+        _undo_malloc_trim()
         _set_torch_threads(spec.get("torch_threads"))
         config = JobConfig.from_dict(spec["config"])
         volume = _open(source, spec, worker)
