@@ -459,9 +459,8 @@ def test_resume_by_fingerprint_then_complete_with_the_sha256(server, client, fre
     for idx, chunk in enumerate(chunks):
         assert put(client, liar, idx, chunk).status_code == 200
     wrong = sha256(fresh_big + b"other")
-    err = assert_error(
-        client.post(f"/v1/uploads/{liar}/complete", json={"sha256": wrong}), 422, "checksum_mismatch"
-    )
+    resp = client.post(f"/v1/uploads/{liar}/complete", json={"sha256": wrong})
+    err = assert_error(resp, 422, "checksum_mismatch")
     assert sha256(fresh_big) in err["message"] and wrong in err["message"]
     assert client.get(f"/v1/uploads/{liar}").json()["state"] == "rejected"
 
