@@ -212,10 +212,15 @@ def latency_benchmark(args, work: Path) -> dict:
 
 
 def report(up: dict | None, lat: dict | None, args) -> str:
+    """The upload block (`up`) or the latency block (`lat`) of docs/benchmarks.md."""
+    command = (
+        f"--size-gib {args.size_gib} --repeat {args.repeat} --skip latency"
+        if up
+        else f"--clients {args.clients} --skip upload"
+    )
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
-        f"Command: `python benchmarks/server.py --size-gib {args.size_gib} "
-        f"--clients {args.clients}`.",
+        f"Command: `python benchmarks/server.py {command}` (both blocks: no `--skip`).",
         "",
     ]
     if up:
@@ -304,12 +309,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     up = None if "upload" in args.skip else upload_benchmark(args, work)
     lat = None if "latency" in args.skip else latency_benchmark(args, work)
-    if up or lat:
-        print(up, lat, sep="\n")
-        text = report(up, lat, args)
-        print(text)
-        if not args.no_write:
-            write_block("server", "Server: upload vs cp, API latency during a job", text)
+    for block, heading, result in (
+        ("server-upload", "Server: upload vs a verified copy", up),
+        ("server", "Server: API latency during a job", lat),
+    ):
+        if result:
+            print(result)
+            upload = block == "server-upload"
+            text = report(result if upload else None, None if upload else result, args)
+            print(text)
+            if not args.no_write:
+                write_block(block, heading, text)
     if args.mixed:
         mixed = mixed_benchmark(args, work)
         print(mixed)

@@ -167,7 +167,10 @@ class PartStore:
             view, offset, done = memoryview(data), idx * row["part_size"], 0
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
-            _sync_data(fd) if not created else os.fsync(fd)
+            if created:
+                os.fsync(fd)  # the size is new too
+            else:
+                _sync_data(fd)
         finally:
             os.close(fd)
         if created:
