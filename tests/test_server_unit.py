@@ -341,23 +341,32 @@ def test_an_upload_without_its_data_file_forgets_its_parts(service):
     assert up.data_path("u1").read_bytes() == b"q" * 100
 
 
-@pytest.mark.parametrize(("code", "refused"), [(errno.ENOSPC, True), (errno.EOPNOTSUPP, False)])
-def test_a_full_disk_refuses_the_upload_at_init(service, monkeypatch, code, refused):
+def test_init_takes_no_disk_until_parts_arrive(service):
+    """The data file has the declared size but no blocks: an `init` holds no disk."""
     up, storage = service
+    row = _open_upload(up, storage, bytes(64 * MiB))
+    st = up.data_path("u1").stat()
+    assert st.st_size == 64 * MiB and st.st_blocks * 512 < MiB
+    up.store_part(row, 0, bytearray(b"p" * 8 * MiB), None)
+    assert up.data_path("u1").stat().st_blocks * 512 >= 8 * MiB
 
-    def fallocate(fd, offset, length):
-        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(os, "posix_fallocate", fallocate)
-    if not refused:  # a file system without fallocate keeps a sparse file of the size
-        _open_upload(up, storage, b"p" * 100)
-        assert up.data_path("u1").stat().st_size == 100
-        return
-    with pytest.raises(ApiError) as caught:
-        _open_upload(up, storage, b"p" * 100)
+def test_a_full_disk_refuses_the_part_and_keeps_nothing(service, monkeypatch):
+    up, storage = service
+    row = _open_upload(up, storage, b"p" * 100)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", full)
+        with pytest.raises(ApiError) as caught:
+            up.store_part(row, 0, bytearray(b"p" * 100), None)
     assert caught.value.status == 507 and caught.value.code == "insufficient_storage"
-    assert caught.value.retryable and caught.value.hint
-    assert storage.upload("u1") is None and not up.part_dir("u1").exists()
+    assert caught.value.retryable and "part 0" in caught.value.message and caught.value.hint
+    assert storage.parts("u1") == {}
+    up.store_part(row, 0, bytearray(b"p" * 100), None)  # space again: sent again, kept
+    assert list(storage.parts("u1")) == [0]
 
 
 # -- the app in process ----------------------------------------------------------------------

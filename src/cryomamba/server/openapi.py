@@ -33,7 +33,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "The object is in a state that does not allow this",
         410: "Expired",
         413: "Too large",
-        507: "The server has no room for the file; retry once space is freed",
+        507: "The server's disk is full; nothing was kept, retry once space is freed",
         422: "The request is well-formed but its values are not acceptable",
         429: "Rate limited; see Retry-After",
     }
@@ -411,7 +411,7 @@ def openapi_document(
                 "responses": {
                     "200": _linked(_json(_ref("Upload"), "Resumed"), UPLOAD_LINKS),
                     "201": _linked(_json(_ref("Upload"), "Created"), UPLOAD_LINKS),
-                    **_errors(400, 401, 403, 413, 422, 429, 507),
+                    **_errors(400, 401, 403, 413, 422, 429),
                 },
             }
         },
@@ -452,7 +452,7 @@ def openapi_document(
                 },
                 "responses": {
                     "200": _json(_ref("PartReceipt"), "Stored"),
-                    **_errors(401, 403, 404, 409, 410, 422, 429),
+                    **_errors(401, 403, 404, 409, 410, 422, 429, 507),
                 },
             }
         },

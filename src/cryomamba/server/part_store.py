@@ -1,6 +1,6 @@
 """The part store: each upload's data file on disk, its parts recorded in the database.
 
-Every upload owns one file, uploads/<id>/data, allocated to the declared size at `init`.
+Every upload owns one file, uploads/<id>/data, made at its declared size at `init`.
 A part is written once, straight into it at `idx * part_size`, fdatasync'ed, and only then
 recorded in the database: the record is the acknowledgement, so a part the server
 acknowledged is on disk, and one half-written (a crash before its record) never counts; the
@@ -48,7 +48,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_sync_data = getattr(os, "fdatasync", os.fsync)  # the size is fixed at init: data is enough
+_sync_data = getattr(os, "fdatasync", os.fsync)  # the size is set at init: data is enough
 
 
 class PartStore:
@@ -101,32 +101,21 @@ class PartStore:
 
     # -- sessions ---------------------------------------------------------------------------
     def open_upload(self, row: dict[str, Any]) -> None:
-        """Allocate the upload's data file (its whole declared size), then record the upload.
+        """Make the upload's data file at its declared size, then record the upload.
 
-        Allocating up front means a full disk answers at `init`, not halfway through.
+        The file is sparse: disk blocks are taken only as parts arrive. Reserving them here
+        (fallocate) would let anyone with an upload token hold `--max-upload-size` of disk
+        per `init` without sending a byte, until the upload expires.
         """
         folder = self.part_dir(row["id"])
         with self._writing(row["id"]):
             folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / DATA_NAME, os.O_WRONLY | os.O_CREAT, 0o600)
             try:
-                fd = os.open(folder / DATA_NAME, os.O_WRONLY | os.O_CREAT, 0o600)
-                try:
-                    os.ftruncate(fd, row["size"])
-                    _allocate(fd, row["size"])
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                shutil.rmtree(folder, ignore_errors=True)
-                if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                    raise ApiError(
-                        507,
-                        "insufficient_storage",
-                        f"the server has no room for {row['size']} more bytes",
-                        "ask the operator to free space in the server's data folder",
-                        retryable=True,
-                    ) from None
-                raise
+                os.ftruncate(fd, row["size"])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             fsync_dir(folder)
             fsync_dir(folder.parent)
             self.storage.add_upload(row)
@@ -171,6 +160,16 @@ class PartStore:
                 os.fsync(fd)  # the size is new too
             else:
                 _sync_data(fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ApiError(
+                    507,
+                    "insufficient_storage",
+                    f"the server's disk is full: part {idx} was not kept",
+                    "send the part again once the operator has freed space",
+                    retryable=True,
+                ) from None
+            raise
         finally:
             os.close(fd)
         if created:
@@ -313,14 +312,3 @@ class PartStore:
                     f.unlink(missing_ok=True)
                     removed += 1
         return removed
-
-
-def _allocate(fd: int, size: int) -> None:
-    """Reserve `size` bytes on disk where the file system can (it may only keep a hole)."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
