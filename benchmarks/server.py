@@ -114,17 +114,22 @@ def time_uploads(server: LiveServer, src: Path, parallel: int, clients: int) -> 
     return seconds
 
 
-def _served_ms(server: LiveServer, route_end: str) -> list[float]:
-    """How long the server took for each request whose route ends with `route_end` (its log)."""
-    out = []
-    for line in server.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if str(entry.get("route", "")).endswith(route_end) and "ms" in entry:
-            out.append(float(entry["ms"]))
-    return out or [float("nan")]
+def _served_ms(server: LiveServer, route_end: str, count: int) -> list[float]:
+    """How long the server took for each request whose route ends with `route_end` (its log,
+    written just after the answer: wait a little for it)."""
+    deadline = time.monotonic() + 5
+    while True:
+        out = []
+        for line in server.log().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if str(entry.get("route", "")).endswith(route_end) and "ms" in entry:
+                out.append(float(entry["ms"]))
+        if len(out) >= count or time.monotonic() > deadline:
+            return out or [float("nan")]
+        time.sleep(0.1)
 
 
 def upload_benchmark(args, work: Path) -> dict:
@@ -140,7 +145,7 @@ def upload_benchmark(args, work: Path) -> dict:
             server = LiveServer(work / f"data-upload-{run}-{clients}").start()
             try:
                 row[f"upload_{clients}_s"] = time_uploads(server, src, args.parallel, clients)
-                row[f"complete_{clients}_ms"] = max(_served_ms(server, "/complete"))
+                row[f"complete_{clients}_ms"] = max(_served_ms(server, "/complete", clients))
             finally:
                 server.stop()
                 shutil.rmtree(server.data_dir, ignore_errors=True)
