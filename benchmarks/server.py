@@ -266,7 +266,19 @@ def report(up: dict | None, lat: dict | None, args) -> str:
                 f"{clients * up['bytes'] / up_s / MiB:.0f} | {ref} | {up[key]:.2f} | "
                 f"**{up[key] / up_s:.2f}×** |"
             )
+
+        def per_run(clients: int) -> str:
+            return ", ".join(
+                f"{r[f'verified_copy_{clients}_s'] / r[f'upload_{clients}_s']:.2f}×"
+                for r in up["runs"]
+            )
+
+        refs = [r[f"verified_copy_{n}_s"] for r in up["runs"] for n in (1, 4)]
         lines += [
+            "",
+            f"Each run's ratio to `sha256sum` + `cp` + `sync`: one client {per_run(1)}; "
+            f"4 clients {per_run(4)} (the references alone ranged {min(refs):.0f}–"
+            f"{max(refs):.0f} s across runs: the medians above are of each column).",
             "",
             f"`complete` took {up['complete_1_ms']:.0f} ms on the server for one client "
             f"(slowest of 4 at once: {up['complete_4_ms']:.0f} ms), from its log.",
