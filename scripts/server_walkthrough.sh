@@ -63,7 +63,8 @@ HAVE=" $(field parts_received <<<"$INIT" | tr -d '[],') "
 N=$(((SIZE + PART - 1) / PART)) # parts of PART bytes, the last one shorter
 echo "upload $U: $NAME, $SIZE bytes in $N part(s) of $PART bytes ($STATE)"
 
-# 2. the parts: each cut from the file and sent with its own SHA-256
+# 2. the parts: each cut from the file and sent with its own SHA-256; the server writes
+#    each straight into its place in the upload's file
 if [ "$STATE" = open ]; then
   TMP=$(mktemp -d)
   trap 'rm -rf "$TMP"' EXIT
@@ -80,7 +81,8 @@ if [ "$STATE" = open ]; then
   done
 fi
 
-# 3. complete: the server assembles the parts, checks the SHA-256 and the MRC header
+# 3. complete: the server compares the SHA-256 it kept as the parts arrived with $SHA,
+#    checks the MRC header and links the file into raw/ (nothing is copied)
 FILE=$(api POST "/v1/uploads/$U/complete")
 FILE_ID=$(field file_id <<<"$FILE")
 echo "file $FILE_ID: shape $(field shape <<<"$FILE"), voxel size $(field voxel_size <<<"$FILE") Å"

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -140,8 +141,21 @@ def test_the_backup_verifies_and_names_every_file(live):
     files = json.loads((live.backup / "manifest.json").read_text())["files"]
     job = live.finished["id"]
     assert {"cryomamba.sqlite3", "secret.key", f"artifacts/{job}/mask.mrc"} <= files.keys()
-    assert f"uploads/{live.half['upload_id']}/0.part" in files
-    assert f"uploads/{live.half['upload_id']}/1.part" not in files
+    # the half-done upload: its recorded part copied (not linked: the live file still
+    # changes as parts arrive) into a file of the declared size, nothing else of it
+    rel = f"uploads/{live.half['upload_id']}/data"
+    assert [r for r in files if r.startswith("uploads/")] == [rel]
+    copy = (live.backup / rel).read_bytes()
+    assert copy == live.big[:PART] + bytes(len(live.big) - PART)
+    assert os.stat(live.backup / rel).st_ino != os.stat(live.server.data_dir / rel).st_ino
+    db = sqlite3.connect(f"file:{live.backup / 'cryomamba.sqlite3'}?mode=ro", uri=True)
+    try:  # read-only: the backup must stay as its manifest says
+        parts = db.execute(
+            "SELECT idx, sha256 FROM parts WHERE upload_id = ?", (live.half["upload_id"],)
+        ).fetchall()
+    finally:
+        db.close()
+    assert parts == [(0, sha256(live.big[:PART]))]
     assert not any(live.running["id"] in rel for rel in files)  # unfinished: not taken
     raw = [rel for rel in files if rel.startswith("raw/")]
     assert raw == [f"raw/{live.file_id}.mrc"]
@@ -267,25 +281,44 @@ def test_keep_removes_the_oldest_complete_backups_only(data_dir, tmp_path):
 
 def test_a_part_that_changed_after_the_snapshot_is_dropped(data_dir, tmp_path):
     storage = Storage(data_dir / "cryomamba.sqlite3")
-    row = {"owner": "a", "filename": "x.mrc", "size": 20, "sha256": None, "part_size": 10}
+    row = {"owner": "a", "filename": "x.mrc", "size": 25, "sha256": None, "part_size": 10}
     storage.add_upload(
-        {"id": "u1", **row, "parts_total": 2, "state": "open", "created_at": 0, "expires_at": 9e9}
+        {"id": "u1", **row, "parts_total": 3, "state": "open", "created_at": 0, "expires_at": 9e9}
     )
     (data_dir / "uploads" / "u1").mkdir(parents=True)
+    data = data_dir / "uploads" / "u1" / "data"
+    data.write_bytes(b"0" * 10 + b"1" * 10 + b"?" * 5)  # part 2 written, never recorded
     for idx, content in enumerate([b"0" * 10, b"1" * 10]):
-        (data_dir / "uploads" / "u1" / f"{idx}.part").write_bytes(content)
         storage.add_part("u1", idx, 10, sha256(content))
     storage.close()
-    (data_dir / "uploads" / "u1" / "1.part").write_bytes(b"x" * 10)  # not what was recorded
+    with open(data, "r+b") as f:  # part 1 rewritten after the snapshot's record
+        f.seek(10)
+        f.write(b"x" * 10)
     summary = create_backup(data_dir, tmp_path / "B")
     assert summary.dropped_parts == 1
     manifest, problems = verify_backup(summary.path)
-    assert problems == [] and "uploads/u1/0.part" in manifest["files"]
+    assert problems == [] and "uploads/u1/data" in manifest["files"]
+    assert (summary.path / "uploads/u1/data").read_bytes() == b"0" * 10 + bytes(15)
     target = tmp_path / "D2"
     restore_backup(summary.path, target)
     restored = Storage(target / "cryomamba.sqlite3")
     assert sorted(restored.parts("u1")) == [0]
     restored.close()
+    assert (target / "uploads/u1/data").read_bytes() == b"0" * 10 + bytes(15)
+
+
+def test_an_upload_whose_data_file_is_gone_is_taken_without_parts(data_dir, tmp_path):
+    storage = Storage(data_dir / "cryomamba.sqlite3")
+    row = {"owner": "a", "filename": "x.mrc", "size": 10, "sha256": None, "part_size": 10}
+    storage.add_upload(
+        {"id": "u1", **row, "parts_total": 1, "state": "open", "created_at": 0, "expires_at": 9e9}
+    )
+    storage.add_part("u1", 0, 10, sha256(b"0" * 10))  # completed (and removed) meanwhile
+    storage.close()
+    summary = create_backup(data_dir, tmp_path / "B")
+    manifest, problems = verify_backup(summary.path)
+    assert summary.dropped_parts == 1 and problems == []
+    assert not any(rel.startswith("uploads/") for rel in manifest["files"])
 
 
 def test_backup_of_a_folder_without_a_server_database_says_so(tmp_path):

@@ -584,6 +584,36 @@ def test_upload_returns_a_file_id_and_a_second_upload_reuses_it(server, token, m
     assert raw.read_bytes() == mrc_file.read_bytes()
 
 
+@pytest.mark.slow
+def test_a_file_with_the_same_fingerprint_but_other_bytes_is_uploaded_anew(server, token, tmp_path):
+    """The fingerprint samples the file: a finished upload it finds is used only if the
+    whole SHA-256 agrees; otherwise the client uploads the file again."""
+    from cryomamba.executors.remote._upload import fingerprint
+
+    (tmp_path / "a").mkdir()
+    first = write_mrc(tmp_path / "a" / "same.mrc", padding=24 * MiB, seed=5)
+    size = first.stat().st_size
+    gap = size * 1 // 17 + (1 << 20) + 10  # past the first sampled MiB, before the second
+    assert gap < size * 2 // 17
+    data = bytearray(first.read_bytes())
+    data[gap] ^= 0xFF  # inside the extended header: still a valid MRC
+    second = tmp_path / "b" / "same.mrc"
+    second.parent.mkdir()
+    second.write_bytes(data)
+    assert fingerprint(first, size) == fingerprint(second, size)
+
+    ex = Recording(server.url, token, part_size=8 * MiB)
+    try:
+        a = ex.upload(first)
+        b = ex.upload(second)
+    finally:
+        ex.close()
+    assert a.id != b.id
+    assert (server.data_dir / "raw" / f"{b.id}.mrc").read_bytes() == bytes(data)
+    assert (server.data_dir / "raw" / f"{a.id}.mrc").read_bytes() == first.read_bytes()
+    assert ex.statuses("POST", "/uploads/init") == [201, 200, 201]  # found, refused, anew
+
+
 def test_submit_takes_what_upload_returns(server, token, mrc_file, tmp_path):
     ex = Recording(server.url, token, download_dir=tmp_path / "dl")
     try:

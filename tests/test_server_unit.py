@@ -5,7 +5,9 @@ settings, clean-up racing with writes, and the app through `httpx.ASGITransport`
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -231,10 +233,10 @@ def service(tmp_path):
     storage.close()
 
 
-def _open_upload(storage: Storage, data: bytes) -> dict:
+def _open_upload(up, storage: Storage, data: bytes, upload_id: str = "u1") -> dict:
     now = time.time()
     row = {
-        "id": "u1",
+        "id": upload_id,
         "owner": "alice",
         "filename": "t.mrc",
         "size": len(data),
@@ -246,14 +248,30 @@ def _open_upload(storage: Storage, data: bytes) -> dict:
         "created_at": now,
         "expires_at": now + 3600,
     }
-    storage.add_upload(row)
-    return row
+    up.open_upload(row)
+    return storage.upload(upload_id)
+
+
+def test_clean_spares_an_upload_being_opened(service, monkeypatch):
+    """clean() between allocating the data file and recording the upload must not delete it."""
+    up, storage = service
+    record = storage.add_upload
+
+    def add_upload_after_a_clean(row):
+        up.clean()
+        record(row)
+
+    monkeypatch.setattr(storage, "add_upload", add_upload_after_a_clean)
+    _open_upload(up, storage, b"p" * 100)
+    assert up.data_path("u1").stat().st_size == 100
+    up.clean()
+    assert up.data_path("u1").exists()
 
 
 def test_clean_spares_a_part_being_recorded(service, monkeypatch):
-    """clean() between a part's rename and its database row must not delete the part."""
+    """clean() between a part's write and its database row must not touch the part."""
     up, storage = service
-    _open_upload(storage, b"p" * 100)
+    row = _open_upload(up, storage, b"p" * 100)
     record = storage.add_part
 
     def add_part_after_a_clean(*args):
@@ -261,19 +279,19 @@ def test_clean_spares_a_part_being_recorded(service, monkeypatch):
         record(*args)
 
     monkeypatch.setattr(storage, "add_part", add_part_after_a_clean)
-    up.store_part("u1", 0, bytearray(b"p" * 100), None)
-    assert (up.part_dir("u1") / "0.part").read_bytes() == b"p" * 100
+    up.store_part(row, 0, bytearray(b"p" * 100), None)
+    assert up.data_path("u1").read_bytes() == b"p" * 100
     assert list(storage.parts("u1")) == [0]
     up.clean()  # with nothing in progress the part is known and stays
-    assert (up.part_dir("u1") / "0.part").exists()
+    assert up.data_path("u1").read_bytes() == b"p" * 100
 
 
 def test_clean_spares_a_file_being_assembled(service, monkeypatch, mrc_file):
-    """clean() between the rename into raw/ and the files row must not delete the file."""
+    """clean() between the link into raw/ and the files row must not delete the file."""
     up, storage = service
     data = mrc_file.read_bytes()
-    row = _open_upload(storage, data)
-    up.store_part("u1", 0, bytearray(data), None)
+    row = _open_upload(up, storage, data)
+    up.store_part(row, 0, bytearray(data), None)
     commit = storage.complete_upload
 
     def complete_after_a_clean(*args):
@@ -283,28 +301,72 @@ def test_clean_spares_a_file_being_assembled(service, monkeypatch, mrc_file):
     monkeypatch.setattr(storage, "complete_upload", complete_after_a_clean)
     file_row = up.assemble(storage.upload("u1"))
     assert Path(file_row["path"]).read_bytes() == data
+    assert file_row["sha256"] == hashlib.sha256(data).hexdigest()
     assert storage.upload(row["id"])["state"] == "completed"
     up.clean()
     assert Path(file_row["path"]).exists() and list(up.settings.raw_dir.iterdir()) == [
         Path(file_row["path"])
     ]
+    assert not up.part_dir("u1").exists()
 
 
 def test_clean_removes_debris_when_idle(service):
     up, storage = service
-    _open_upload(storage, b"p" * 100)
-    up.store_part("u1", 0, bytearray(b"p" * 100), None)
+    row = _open_upload(up, storage, b"p" * 100)
+    up.store_part(row, 0, bytearray(b"p" * 100), None)
     folder = up.part_dir("u1")
-    (folder / "0.part.tmp-1").write_bytes(b"half")
-    (folder / "3.part").write_bytes(b"unrecorded")
+    (folder / "data.tmp-1").write_bytes(b"half")
+    (folder / "3.part").write_bytes(b"unrecorded")  # a part file of the old layout
     (folder / "junk").write_bytes(b"?")
     (up.settings.uploads_dir / "orphan").mkdir()
     (up.settings.raw_dir / ".f.mrc.tmp-1").write_bytes(b"half")
     (up.settings.raw_dir / "f.mrc").write_bytes(b"unrecorded")
     assert up.clean() == {"expired_uploads": 0, "orphans": 6}
-    assert [p.name for p in folder.iterdir()] == ["0.part"]
+    assert [p.name for p in folder.iterdir()] == ["data"]
     assert [p.name for p in up.settings.uploads_dir.iterdir()] == ["u1"]
     assert list(up.settings.raw_dir.iterdir()) == []
+    assert list(storage.parts("u1")) == [0]
+
+
+def test_an_upload_without_its_data_file_forgets_its_parts(service):
+    """Parts recorded before the one-file layout (or a lost file) no longer count."""
+    up, storage = service
+    row = _open_upload(up, storage, b"p" * 100)
+    up.store_part(row, 0, bytearray(b"p" * 100), None)
+    up.data_path("u1").unlink()
+    (up.part_dir("u1") / "0.part").write_bytes(b"p" * 100)
+    up.clean()
+    assert storage.parts("u1") == {} and storage.upload("u1")["state"] == "open"
+    up.store_part(row, 0, bytearray(b"q" * 100), None)  # sent again: a new data file
+    assert up.data_path("u1").read_bytes() == b"q" * 100
+
+
+def test_init_takes_no_disk_until_parts_arrive(service):
+    """The data file has the declared size but no blocks: an `init` holds no disk."""
+    up, storage = service
+    row = _open_upload(up, storage, bytes(64 * MiB))
+    st = up.data_path("u1").stat()
+    assert st.st_size == 64 * MiB and st.st_blocks * 512 < MiB
+    up.store_part(row, 0, bytearray(b"p" * 8 * MiB), None)
+    assert up.data_path("u1").stat().st_blocks * 512 >= 8 * MiB
+
+
+def test_a_full_disk_refuses_the_part_and_keeps_nothing(service, monkeypatch):
+    up, storage = service
+    row = _open_upload(up, storage, b"p" * 100)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", full)
+        with pytest.raises(ApiError) as caught:
+            up.store_part(row, 0, bytearray(b"p" * 100), None)
+    assert caught.value.status == 507 and caught.value.code == "insufficient_storage"
+    assert caught.value.retryable and "part 0" in caught.value.message and caught.value.hint
+    assert storage.parts("u1") == {}
+    up.store_part(row, 0, bytearray(b"p" * 100), None)  # space again: sent again, kept
+    assert list(storage.parts("u1")) == [0]
 
 
 # -- the app in process ----------------------------------------------------------------------

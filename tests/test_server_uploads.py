@@ -81,6 +81,18 @@ def upload(
     return resp.json()
 
 
+def held(server: LiveServer, upload_id: str, idx: int, size: int, part_size: int = PART) -> bytes:
+    """The bytes at part `idx`'s place in the upload's data file (where parts are written)."""
+    with open(server.data_dir / "uploads" / upload_id / "data", "rb") as f:
+        f.seek(idx * part_size)
+        return f.read(size)
+
+
+def recorded(server: LiveServer, upload_id: str) -> list[int]:
+    rows = db_rows(server, "SELECT idx FROM parts WHERE upload_id = ? ORDER BY idx", [upload_id])
+    return [r["idx"] for r in rows]
+
+
 def raw_files(server: LiveServer) -> set[str]:
     return {p.name for p in (server.data_dir / "raw").iterdir()}
 
@@ -230,7 +242,8 @@ def test_part_checks(server, client, fresh_big):
     # ... nor does it replace a part already held
     assert_error(put(client, uid, 0, damaged, checksum=sha256(chunks[0])), 422, "checksum_mismatch")
     assert client.get(f"/v1/uploads/{uid}").json()["parts_received"] == [0]
-    assert (server.data_dir / "uploads" / uid / "0.part").read_bytes() == chunks[0]
+    assert held(server, uid, 0, len(chunks[0])) == chunks[0]
+    assert held(server, uid, 1, len(chunks[1])) == bytes(len(chunks[1]))  # never written
 
     assert_error(put(client, uid, 1, chunks[1][:-1]), 422, "part_size_mismatch")
     assert_error(put(client, uid, 2, chunks[2] + b"x"), 422, "part_size_mismatch")
@@ -241,7 +254,10 @@ def test_part_checks(server, client, fresh_big):
     assert_error(resp, 422, "part_out_of_range")
     assert_error(put(client, uid, 1, chunks[1], checksum="abc"), 422, "invalid_request")
     assert client.get(f"/v1/uploads/{uid}").json()["parts_received"] == [0]
-    assert sorted(p.name for p in (server.data_dir / "uploads" / uid).iterdir()) == ["0.part"]
+    assert recorded(server, uid) == [0]
+    assert [p.name for p in (server.data_dir / "uploads" / uid).iterdir()] == ["data"]
+    assert (server.data_dir / "uploads" / uid / "data").stat().st_size == len(fresh_big)
+    assert held(server, uid, 2, len(chunks[2])) == bytes(len(chunks[2]))
 
     # an uppercase part checksum is accepted
     assert put(client, uid, 1, chunks[1], checksum=sha256(chunks[1]).upper()).status_code == 200
@@ -278,6 +294,7 @@ def test_part_streamed_without_content_length(server, client, fresh_big):
         ({"filename": "t.mrc", "size": "10"}, 422, "invalid_request"),
         ({"filename": "t.mrc", "size": True}, 422, "invalid_request"),
         ({"filename": "t.mrc", "size": 10, "sha256": "A" * 64}, 422, "invalid_request"),
+        ({"filename": "t.mrc", "size": 10, "fingerprint": "f" * 63}, 422, "invalid_request"),
         ({"filename": "t.mrc", "size": 10, "part_size": MiB}, 422, "invalid_part_size"),
         ({"filename": "t.mrc", "size": 10, "part_size": 64 * MiB}, 422, "invalid_part_size"),
         ({"filename": "t.mrc", "size": 10, "part_size": 8.5 * MiB}, 422, "invalid_part_size"),
@@ -388,6 +405,64 @@ def test_concurrent_completes_make_one_file(server, token, tmp_path):
     assert sorted(r.status_code for r in answers) == [200, 200, 200, 201]
     assert len({r.json()["file_id"] for r in answers}) == 1
     assert raw_files(server) - before == {f"{answers[0].json()['file_id']}.mrc"}
+
+
+def test_a_replaced_part_is_hashed_again(server, client, fresh_big):
+    """Parts hashed as they arrived, then one replaced: complete hashes what is on disk."""
+    chunks = parts_of(fresh_big)
+    junk = np.random.default_rng(4).bytes(len(chunks[0]))
+    uid = init(client, fresh_big, "replaced.mrc").json()["upload_id"]
+    for idx, chunk in enumerate(chunks):
+        assert put(client, uid, idx, chunk).status_code == 200
+    assert put(client, uid, 0, junk).status_code == 200  # other bytes, their own checksum
+    assert held(server, uid, 0, len(junk)) == junk and recorded(server, uid) == [0, 1, 2]
+    assert put(client, uid, 0, chunks[0]).status_code == 200
+    f = client.post(f"/v1/uploads/{uid}/complete").json()
+    assert f["sha256"] == sha256(fresh_big)
+    assert (server.data_dir / "raw" / f"{f['file_id']}.mrc").read_bytes() == fresh_big
+
+    other = init(client, fresh_big, "replaced-late.mrc").json()["upload_id"]
+    for idx, chunk in enumerate([junk, *chunks[1:]]):
+        assert put(client, other, idx, chunk).status_code == 200
+    err = assert_error(client.post(f"/v1/uploads/{other}/complete"), 422, "checksum_mismatch")
+    assert sha256(junk + b"".join(chunks[1:])) in err["message"]
+
+
+def test_resume_by_fingerprint_then_complete_with_the_sha256(server, client, fresh_big):
+    """A fingerprint resumes an open upload; `complete` must then carry the whole SHA-256."""
+    chunks = parts_of(fresh_big)
+    fp = sha256(b"sampled " + fresh_big[:100])  # the server treats it as an opaque name
+    first = init(client, fresh_big, "fp.mrc", sha=False, fingerprint=fp)
+    assert first.status_code == 201 and first.json()["fingerprint"] == fp
+    uid = first.json()["upload_id"]
+    assert put(client, uid, 1, chunks[1]).status_code == 200
+    again = init(client, fresh_big, "fp.mrc", sha=False, fingerprint=fp)
+    assert again.status_code == 200 and again.json()["upload_id"] == uid
+    assert again.json()["parts_received"] == [1]
+    for idx in (0, 2):
+        assert put(client, uid, idx, chunks[idx]).status_code == 200
+
+    done = f"/v1/uploads/{uid}/complete"
+    assert_error(client.post(done), 422, "sha256_required")
+    assert_error(client.post(done, content=b"{nope"), 400, "invalid_json")
+    assert_error(client.post(done, json={"sha256": "ABC"}), 422, "invalid_request")
+    assert client.get(f"/v1/uploads/{uid}").json()["state"] == "open"
+    f = client.post(done, json={"sha256": sha256(fresh_big)})
+    assert f.status_code == 201 and f.json()["sha256"] == sha256(fresh_big)
+    # announced again by fingerprint: the finished upload, with the SHA-256 to compare
+    later = init(client, fresh_big, "fp.mrc", sha=False, fingerprint=fp).json()
+    assert later["state"] == "completed" and later["file_id"] == f.json()["file_id"]
+    assert later["sha256"] == sha256(fresh_big)
+
+    # a fingerprint that matched another file's upload: complete refuses the mix
+    liar = init(client, fresh_big, "fp-liar.mrc", sha=False, fingerprint=fp).json()["upload_id"]
+    for idx, chunk in enumerate(chunks):
+        assert put(client, liar, idx, chunk).status_code == 200
+    wrong = sha256(fresh_big + b"other")
+    resp = client.post(f"/v1/uploads/{liar}/complete", json={"sha256": wrong})
+    err = assert_error(resp, 422, "checksum_mismatch")
+    assert sha256(fresh_big) in err["message"] and wrong in err["message"]
+    assert client.get(f"/v1/uploads/{liar}").json()["state"] == "rejected"
 
 
 def test_complete_with_missing_parts(client, fresh_big):
@@ -560,10 +635,13 @@ def test_sigkill_mid_upload_keeps_every_acknowledged_part(crash_server, fresh_bi
     srv.kill()
     sock.close()
 
-    # debris a crash can leave at each step of a part write and of an assembly
+    # debris a crash can leave at each step of a part write and of a complete
     folder = srv.data_dir / "uploads" / uid
-    (folder / "1.part.tmp-0badf00d").write_bytes(chunks[1][:MiB])  # cut short mid-write
-    (folder / "1.part").write_bytes(chunks[1])  # renamed, but the database never heard of it
+    with open(folder / "data", "r+b") as f:  # part 1 cut short mid-write, never recorded
+        f.seek(PART)
+        f.write(b"\xff" * MiB)
+    (folder / "data.tmp-0badf00d").write_bytes(b"stray")
+    (folder / "1.part").write_bytes(chunks[1])  # a part file of the old layout
     (srv.data_dir / "uploads" / ("f" * 32)).mkdir()  # a folder no upload owns
     (srv.data_dir / "raw" / ".0123.mrc.tmp-0badf00d").write_bytes(fresh_big[:MiB])
     (srv.data_dir / "raw" / "0123.mrc").write_bytes(fresh_big)  # renamed, never recorded
@@ -572,12 +650,13 @@ def test_sigkill_mid_upload_keeps_every_acknowledged_part(crash_server, fresh_bi
     with srv.client(token) as c:
         status = c.get(f"/v1/uploads/{uid}").json()
         assert status["state"] == "open" and status["parts_received"] == [0, 2]
-        assert sorted(p.name for p in folder.iterdir()) == ["0.part", "2.part"]
+        assert [p.name for p in folder.iterdir()] == ["data"]
         assert [p.name for p in (srv.data_dir / "uploads").iterdir()] == [uid]
         assert raw_files(srv) == set()
         for idx in (0, 2):
-            assert (folder / f"{idx}.part").read_bytes() == chunks[idx]
+            assert held(srv, uid, idx, len(chunks[idx])) == chunks[idx]
 
+        # the running hash died with the process: it is rebuilt from the recorded parts
         assert put(c, uid, 1, chunks[1]).status_code == 200
         f = c.post(f"/v1/uploads/{uid}/complete").json()
     assert f["sha256"] == sha256(fresh_big)
@@ -659,7 +738,7 @@ def test_expired_upload_is_refused_and_cleaned(tmp_path):
             assert_error(c.post(f"/v1/uploads/{uid}/complete"), 410, "upload_expired")
             fresh = init(c, data, "late.bin")  # an expired upload is never resumed
             assert fresh.status_code == 201 and fresh.json()["upload_id"] != uid
-        assert (srv.data_dir / "uploads" / uid / "0.part").exists()
+        assert held(srv, uid, 0, len(chunks[0])) == chunks[0]
 
         srv.stop()
         srv.start()  # boot clean-up

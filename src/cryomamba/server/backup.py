@@ -3,14 +3,15 @@
 `create_backup` runs while the server runs. The database is copied with SQLite's online
 backup API (one read transaction: a consistent snapshot, never a torn file copy); the
 files it names are then hard-linked into the backup when on the same file system, else
-copied. That is safe because the server never changes a file once it is renamed into
-place (parts, raw files and artifacts are all written under temporary names first). Only
-what the snapshot names is taken: raw files of its `files` rows, the artifact folders of
-its completed jobs, the parts of its open uploads (a part that went away or changed after
-the snapshot is dropped from the snapshot's `parts` table, so the upload resumes without
-it). The secret file is copied with mode 0600. `manifest.json` (every file's SHA-256 and
-size) is written last: a backup without one is incomplete, and `verify`, `restore` and
-`--keep` treat it so.
+copied. That is safe because the server never changes a file once it is in place (raw
+files and artifacts are written under temporary names, or linked once whole). Only what
+the snapshot names is taken: raw files of its `files` rows, the artifact folders of its
+completed jobs, and the recorded parts of its open uploads, copied out of their data files
+(which still change) and checked against their SHA-256s (a part that went away or changed
+after the snapshot is dropped from the snapshot's `parts` table, so the upload resumes
+without it). The secret file is copied with mode 0600. `manifest.json` (every file's
+SHA-256 and size) is written last: a backup without one is incomplete, and `verify`,
+`restore` and `--keep` treat it so.
 
 `restore_backup` re-hashes every file, refuses a damaged or incomplete backup and a
 non-empty target, copies into a temporary folder beside the target, points the database's
@@ -198,24 +199,61 @@ def _take_parts(
     manifest: dict[str, dict[str, Any]],
     summary: BackupSummary,
 ) -> int:
-    """The parts of open uploads; a part missing or changed since the snapshot is dropped."""
-    rows = con.execute(
-        "SELECT p.upload_id, p.idx, p.sha256 FROM parts p JOIN uploads u ON u.id = p.upload_id "
-        "WHERE u.state = 'open' ORDER BY p.upload_id, p.idx"
+    """The recorded parts of open uploads; a part missing or changed since the snapshot is
+    dropped from the snapshot, so the restored upload resumes without it.
+
+    An upload's data file keeps changing while parts arrive, so it is copied, never linked:
+    only the recorded parts, each checked against its SHA-256, into a file of the same size.
+    """
+    uploads = con.execute(
+        "SELECT id, size, part_size FROM uploads WHERE state = 'open' ORDER BY id"
     ).fetchall()
     dropped = 0
-    for upload_id, idx, sha in rows:
-        rel = f"uploads/{upload_id}/{idx}.part"
-        if _take(data_dir, folder, rel, manifest, summary) and manifest[rel]["sha256"] == sha:
+    for upload_id, size, part_size in uploads:
+        parts = con.execute(
+            "SELECT idx, size, sha256 FROM parts WHERE upload_id = ? ORDER BY idx", (upload_id,)
+        ).fetchall()
+        if not parts:
             continue
-        manifest.pop(rel, None)
-        (folder / rel).unlink(missing_ok=True)
-        con.execute("DELETE FROM parts WHERE upload_id = ? AND idx = ?", (upload_id, idx))
-        dropped += 1
+        rel = f"uploads/{upload_id}/data"
+        kept = _copy_parts(data_dir / rel, folder / rel, size, part_size, parts)
+        for idx, _, _ in parts:
+            if idx not in kept:
+                con.execute("DELETE FROM parts WHERE upload_id = ? AND idx = ?", (upload_id, idx))
+                dropped += 1
+        if kept:
+            manifest[rel] = _entry(folder / rel)
+            summary.copied += 1
+        else:
+            (folder / rel).unlink(missing_ok=True)
     con.execute(
         "DELETE FROM parts WHERE upload_id NOT IN (SELECT id FROM uploads WHERE state = 'open')"
     )
     return dropped
+
+
+def _copy_parts(
+    src: Path, dest: Path, size: int, part_size: int, parts: list[tuple[int, int, str]]
+) -> set[int]:
+    """Copy the `parts` (idx, size, SHA-256) of `src` whose bytes match; the indices kept."""
+    kept: set[int] = set()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fin = open(src, "rb")  # noqa: SIM115 (closed below; gone if the upload just ended)
+    except FileNotFoundError:
+        return kept
+    with fin, open(dest, "xb") as fout:
+        fout.truncate(size)
+        for idx, length, sha in parts:
+            fin.seek(idx * part_size)
+            data = fin.read(length)
+            if len(data) == length and hashlib.sha256(data).hexdigest() == sha:
+                fout.seek(idx * part_size)
+                fout.write(data)
+                kept.add(idx)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return kept
 
 
 def _write_manifest(folder: Path, data_dir: Path, files: dict[str, dict[str, Any]]) -> None:

@@ -33,6 +33,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "The object is in a state that does not allow this",
         410: "Expired",
         413: "Too large",
+        507: "The server's disk is full; nothing was kept, retry once space is freed",
         422: "The request is well-formed but its values are not acceptable",
         429: "Rate limited; see Retry-After",
     }
@@ -93,6 +94,7 @@ SCHEMAS: dict[str, Any] = {
             "filename": {"type": "string"},
             "size": {"type": "integer"},
             "sha256": NULLABLE_STRING,
+            "fingerprint": NULLABLE_STRING,
             "part_size": {"type": "integer"},
             "parts_total": {"type": "integer"},
             "parts_received": PARTS_RECEIVED,
@@ -280,7 +282,19 @@ def _upload_init_schema(settings) -> dict[str, Any]:
                 "minimum": 1,
                 **({"maximum": settings.max_upload_bytes} if settings else {}),
             },
-            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "nullable": True},
+            "sha256": {
+                "type": "string",
+                "pattern": "^[0-9a-f]{64}$",
+                "nullable": True,
+                "description": "the whole file's SHA-256: resumes by it, checked at complete",
+            },
+            "fingerprint": {
+                "type": "string",
+                "pattern": "^[0-9a-f]{64}$",
+                "nullable": True,
+                "description": "a cheap name for the content (the remote executor samples "
+                "the file); resumes by it, and complete must then carry the sha256",
+            },
             "part_size": {
                 "type": "integer",
                 "minimum": settings.part_size_min if settings else 8 << 20,
@@ -330,6 +344,17 @@ def openapi_document(
     schemas = {
         **SCHEMAS,
         "UploadInit": _upload_init_schema(settings),
+        "UploadComplete": {
+            "type": "object",
+            "properties": {
+                "sha256": {
+                    "type": "string",
+                    "pattern": "^[0-9a-f]{64}$",
+                    "description": "the whole file's SHA-256; required for an upload started "
+                    "with a fingerprint and no sha256",
+                }
+            },
+        },
         "JobConfig": _job_config_schema(models, devices),
         # A job keeps the config it was submitted with, even after a restart with other
         # models or devices: records are checked against the general rules only.
@@ -405,7 +430,7 @@ def openapi_document(
         "/v1/uploads/{upload_id}/part/{idx}": {
             "put": {
                 "operationId": "putUploadPart",
-                "summary": "Store one part (idempotent)",
+                "summary": "Write one part into the upload's file, durably (idempotent)",
                 "security": AUTH,
                 "parameters": [
                     _path_param("upload_id"),
@@ -427,20 +452,25 @@ def openapi_document(
                 },
                 "responses": {
                     "200": _json(_ref("PartReceipt"), "Stored"),
-                    **_errors(401, 403, 404, 409, 410, 422, 429),
+                    **_errors(401, 403, 404, 409, 410, 422, 429, 507),
                 },
             }
         },
         "/v1/uploads/{upload_id}/complete": {
             "post": {
                 "operationId": "completeUpload",
-                "summary": "Assemble, verify the checksum and the MRC header, store the file",
+                "summary": "Verify the whole SHA-256 (kept as parts arrived) and the MRC "
+                "header, store the file",
                 "security": AUTH,
                 "parameters": [_path_param("upload_id")],
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("UploadComplete")}},
+                },
                 "responses": {
                     "200": _linked(_json(_ref("File"), "Already complete"), FILE_LINKS),
                     "201": _linked(_json(_ref("File"), "Complete"), FILE_LINKS),
-                    **_errors(401, 403, 404, 409, 410, 422, 429),
+                    **_errors(400, 401, 403, 404, 409, 410, 413, 422, 429),
                 },
             }
         },

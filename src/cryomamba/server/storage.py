@@ -49,7 +49,7 @@ CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (state, next_at);
 """
 
 # Columns added after a database may have been made: (table, column, type).
-_ADDED_COLUMNS = (("jobs", "notify_url", "TEXT"),)
+_ADDED_COLUMNS = (("jobs", "notify_url", "TEXT"), ("uploads", "fingerprint", "TEXT"))
 
 _TERMINAL = ("completed", "failed", "canceled")
 
@@ -129,14 +129,32 @@ class Storage:
         return self._one("SELECT * FROM uploads WHERE id = ?", [upload_id])
 
     def resumable_upload(
-        self, owner: str, filename: str, size: int, sha256: str | None, now: float
+        self,
+        owner: str,
+        filename: str,
+        size: int,
+        sha256: str | None,
+        now: float,
+        fingerprint: str | None = None,
     ) -> dict[str, Any] | None:
-        """The newest open (or completed) upload of the same file by the same owner."""
+        """The newest open (or completed) upload of the same file by the same owner.
+
+        Matched by its SHA-256 or, failing that, by the client's fingerprint. A fingerprint
+        samples the file and proves nothing: an open upload it resumes is checked against
+        the whole SHA-256 at `complete`, and a client handed a completed one compares the
+        file's `sha256` with its own before it uses the file.
+        """
+        if sha256 is not None:
+            key, value = "sha256", sha256
+        elif fingerprint is not None:
+            key, value = "fingerprint", fingerprint
+        else:
+            return None
         return self._one(
-            "SELECT * FROM uploads WHERE owner = ? AND filename = ? AND size = ? "
-            "AND sha256 IS ? AND state IN ('open', 'completed') AND expires_at > ? "
+            f"SELECT * FROM uploads WHERE owner = ? AND filename = ? AND size = ? "
+            f"AND {key} = ? AND state IN ('open', 'completed') AND expires_at > ? "
             "ORDER BY created_at DESC LIMIT 1",
-            [owner, filename, size, sha256, now],
+            [owner, filename, size, value, now],
         )
 
     def update_upload(self, upload_id: str, **fields: Any) -> None:
@@ -151,6 +169,9 @@ class Storage:
     def parts(self, upload_id: str) -> dict[int, dict[str, Any]]:
         rows = self._rows("SELECT * FROM parts WHERE upload_id = ? ORDER BY idx", [upload_id])
         return {r["idx"]: r for r in rows}
+
+    def delete_part(self, upload_id: str, idx: int) -> None:
+        self._run("DELETE FROM parts WHERE upload_id = ? AND idx = ?", [upload_id, idx])
 
     def delete_parts(self, upload_id: str) -> None:
         self._run("DELETE FROM parts WHERE upload_id = ?", [upload_id])
@@ -183,8 +204,8 @@ class Storage:
                     tuple(map(_encode, file_row.values())),
                 )
                 self._db.execute(
-                    "UPDATE uploads SET state = 'completed', file_id = ? WHERE id = ?",
-                    (file_row["id"], upload_id),
+                    "UPDATE uploads SET state = 'completed', file_id = ?, sha256 = ? WHERE id = ?",
+                    (file_row["id"], file_row["sha256"], upload_id),
                 )
                 self._db.execute("DELETE FROM parts WHERE upload_id = ?", (upload_id,))
                 self._db.execute("COMMIT")

@@ -1,9 +1,10 @@
 """Resumable chunked uploads, the HTTP side: init (or resume by fingerprint), parts, complete.
 
-These handlers check who asks and what they send; `PartStore` (part_store.py) keeps the
-parts and assembles files. A part PUT and `complete` on the same upload meet at one gate:
-`complete` waits for parts already being written, and a part that arrives once `complete`
-has begun finds the upload closed (409), so a completed upload never gains a part.
+These handlers check who asks and what they send; `PartStore` (part_store.py) writes the
+parts into each upload's data file and turns it into a file. A part PUT and `complete` on
+the same upload meet at one gate: `complete` waits for parts already being written, and a
+part that arrives once `complete` has begun finds the upload closed (409), so a completed
+upload never gains a part.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def upload_record(row: dict[str, Any], parts: dict[int, Any]) -> dict[str, Any]:
         "filename": row["filename"],
         "size": row["size"],
         "sha256": row["sha256"],
+        "fingerprint": row.get("fingerprint"),
         "part_size": row["part_size"],
         "parts_total": row["parts_total"],
         "parts_received": received,
@@ -78,8 +80,11 @@ def _bad(message: str, hint: str = "", code: str = "invalid_request") -> ApiErro
     return ApiError(422, code, message, hint)
 
 
-async def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object, or a 400/413/422 that says what is wrong with it."""
+async def json_body(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    """The request's JSON object, or a 400/413/422 that says what is wrong with it.
+
+    With `optional`, an empty body is an empty object.
+    """
     too_large = ApiError(
         413,
         "request_too_large",
@@ -103,6 +108,8 @@ async def json_body(request: Request) -> dict[str, Any]:
             "send the request again",
             retryable=True,
         ) from None
+    if optional and not raw.strip():
+        return {}
     try:
         body = json.loads(raw or b"null")
     except ValueError as exc:
@@ -165,12 +172,15 @@ class UploadService:
         principal.require("upload")
         body = await json_body(request)
         filename, size, sha256, part_size = self._check_init(body)
+        fingerprint = _checksum(body, "fingerprint")
         now = time.time()
-        # Only a checksum identifies the content: two tomograms of one name and shape have
-        # the same size, and resuming one with the other's parts would mix them silently.
-        row = None
-        if sha256 is not None:
-            row = self.storage.resumable_upload(principal.subject, filename, size, sha256, now)
+        # Name and size do not identify the content: two tomograms of one name and shape
+        # have the same size, and resuming one with the other's parts would mix them. A
+        # checksum does; a fingerprint makes it likely, and `complete` then demands the
+        # whole SHA-256, so a wrong guess is refused instead of mixed.
+        row = self.storage.resumable_upload(
+            principal.subject, filename, size, sha256, now, fingerprint=fingerprint
+        )
         if row is not None:
             if row["state"] == "open":
                 self.storage.update_upload(row["id"], expires_at=now + self.settings.upload_ttl_s)
@@ -185,6 +195,7 @@ class UploadService:
             "filename": filename,
             "size": size,
             "sha256": sha256,
+            "fingerprint": fingerprint,
             "part_size": part_size,
             "parts_total": math.ceil(size / part_size),
             "state": "open",
@@ -192,8 +203,7 @@ class UploadService:
             "created_at": now,
             "expires_at": now + self.settings.upload_ttl_s,
         }
-        self.store.part_dir(upload_id).mkdir(parents=True, exist_ok=True)
-        self.storage.add_upload(row)
+        await anyio.to_thread.run_sync(self.store.open_upload, row)
         audit.note(request, upload_id)
         return JSONResponse(upload_record(row, {}), 201)
 
@@ -238,7 +248,7 @@ class UploadService:
                 gate.enter()
             try:
                 digest = await anyio.to_thread.run_sync(
-                    self.store.store_part, row["id"], idx, data, claimed
+                    self.store.store_part, row, idx, data, claimed
                 )
             finally:
                 gate.leave()
@@ -262,6 +272,7 @@ class UploadService:
         principal = request.state.principal
         principal.require("upload")
         row = self._owned(request)
+        claimed = _checksum(await json_body(request, optional=True), "sha256")
         gate = self._gate(row["id"])
         async with gate.lock:
             await gate.idle.wait()  # parts that passed their check are written first
@@ -283,7 +294,14 @@ class UploadService:
                     retryable=True,
                     details={"missing": missing[:1000]},
                 )
-            file_row = await anyio.to_thread.run_sync(self.store.assemble, row)
+            if row["fingerprint"] and not (row["sha256"] or claimed):
+                raise _bad(
+                    "this upload was started with a fingerprint, so `complete` needs the "
+                    "whole file's SHA-256",
+                    'send {"sha256": "<64 hex>"} with complete',
+                    code="sha256_required",
+                )
+            file_row = await anyio.to_thread.run_sync(self.store.assemble, row, claimed)
         return JSONResponse(file_record(file_row), 201)
 
     # -- checks -----------------------------------------------------------------------------
@@ -331,9 +349,7 @@ class UploadService:
                 "ask the operator to raise --max-upload-size, or put the file under a server "
                 "root and submit it by path",
             )
-        sha256 = body.get("sha256")
-        if sha256 is not None and (not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256)):
-            raise _bad("`sha256` must be 64 lowercase hexadecimal characters")
+        sha256 = _checksum(body, "sha256")
         part_size = body.get("part_size", s.part_size)
         if (
             not isinstance(part_size, int)
@@ -400,6 +416,14 @@ class UploadService:
     def _part_length(row: dict[str, Any], idx: int) -> int:
         start = idx * row["part_size"]
         return min(row["part_size"], row["size"] - start)
+
+
+def _checksum(body: dict[str, Any], key: str) -> str | None:
+    """`body[key]` if it is 64 lowercase hex characters (a SHA-256), None if absent."""
+    value = body.get(key)
+    if value is not None and (not isinstance(value, str) or not SHA256_RE.fullmatch(value)):
+        raise _bad(f"`{key}` must be 64 lowercase hexadecimal characters")
+    return value
 
 
 def _utf8(text: str) -> bool:

@@ -116,7 +116,8 @@ class HttpSession:
         return httpx.Client(timeout=timeout, verify=verify, limits=limits, **kwargs)
 
     def long_timeout(self) -> Any:
-        """For `complete`: the server hashes and checks the whole file before it answers."""
+        """For `complete`: quick, unless the server restarted mid-upload and must hash the
+        parts it holds again before it answers."""
         import httpx
 
         return httpx.Timeout(self.timeout_s, read=max(600.0, self.timeout_s))
