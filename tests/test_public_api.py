@@ -56,7 +56,8 @@ def test_sinks_namespace():
 def test_import_does_not_pull_heavy_packages():
     code = (
         "import sys, cryomamba; heavy = [m for m in ('torch', 'nnunetv2', 'napari', 'httpx', "
-        "'skimage', 'nibabel', 'nrrd', 'dask', 'distributed') if m in sys.modules]; "
+        "'skimage', 'nibabel', 'nrrd', 'dask', 'distributed', 'zarr', 'ome_zarr', 'copick') "
+        "if m in sys.modules]; "
         "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
