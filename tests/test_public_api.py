@@ -32,6 +32,7 @@ EXPECTED = {
     "available_models",
     "hookimpl",
     "resolve_model",
+    "threshold",
     "segment",
     "segment_many",
     "sinks",

@@ -27,6 +27,7 @@ from .events import Canceled, Completed, Event, Failed, Preview, Progress
 from .hookspecs import hookimpl
 from .job import Job, JobState
 from .models import ModelSpec, available_models, resolve_model
+from .probabilities import threshold
 from .segmentation import Segmentation
 from .volume import Volume
 
@@ -58,4 +59,5 @@ __all__ = [
     "segment_many",
     "sinks",
     "submit",
+    "threshold",
 ]

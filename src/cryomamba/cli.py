@@ -33,7 +33,7 @@ from rich.text import Text
 import cryomamba as cm
 
 from .artifacts import check_output_dir, existing_artifacts
-from .config import FORMATS, RESAMPLE_MODES
+from .config import DEFAULT_FORMATS, FORMATS, RESAMPLE_MODES
 
 __all__ = ["EXIT_CANCELED", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("input", type=Path, metavar="IN", help="the tomogram")
     add("-o", "--out", type=Path, required=True, help="output folder")
     add("--model", default="demo-membrane", help="registered model name or model folder")
-    add("--formats", type=_formats, default=FORMATS, help=f"some of {','.join(FORMATS)}")
+    add("--formats", type=_formats, default=DEFAULT_FORMATS, help=f"some of {','.join(FORMATS)}")
     add("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     add("--tile-step", type=float, default=0.5, help="tile step, fraction of a tile (0, 1]")
     add(
@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", type=Path, default=Path("cryomamba-data"), help="the server's data folder")
     add("--to", type=Path, metavar="B", help="folder of backups (each in a timestamped folder)")
     add("--keep", type=int, metavar="N", help="then keep only the newest N complete backups")
+
+    from .cli_threshold import add_threshold_command
+
+    add_threshold_command(sub, common)
 
     add = command("restore", "restore a backup into a new, empty data folder")
     add("backup", type=Path, metavar="B", help="a backup, or a --to folder (its newest backup)")
