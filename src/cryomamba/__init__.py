@@ -9,7 +9,7 @@ Importing this package is cheap: torch, nnU-Net and napari load only when a job 
 
 from __future__ import annotations
 
-from . import sinks
+from . import copick, sinks
 from ._version import __version__
 from .api import segment, submit
 from .cohort import segment_many
@@ -53,6 +53,7 @@ __all__ = [
     "Volume",
     "__version__",
     "available_models",
+    "copick",
     "hookimpl",
     "resolve_model",
     "segment",

@@ -148,6 +148,7 @@ class ZarrVolume(Volume):
     location: str
     level: int
     levels: int
+    copick: dict[str, Any] | None = None  # run, voxel size, tomo type when read from copick
 
     def checksum(self) -> str:
         """SHA-256 of the level's C-order bytes (read in slabs) plus its shape and dtype."""

@@ -198,6 +198,7 @@ class LocalExecutor:
                 "path": str(volume.path) if volume.path else None,
                 "sha256": volume.checksum(),
                 "shape": list(volume.shape),
+                **({"copick": cp} if (cp := getattr(volume, "copick", None)) else {}),
             },
             "spacing": spacing.to_dict(),
             "seconds": round(time.monotonic() - began, 3),
