@@ -83,3 +83,20 @@ def test_copick_errors_name_what_exists(project, tmp_path):
             session_id="1",
             label_names={1: "ribosome"},
         )
+
+
+def test_cli_segment_from_and_into_a_copick_project(tiny_model, project, tmp_path, capsys):
+    from cryomamba.cli import main
+
+    argv = ["segment", "--copick", str(project), "--run", "TS_001", "--voxel-size", "10"]
+    argv += ["--tomo-type", "wbp", "--model", str(tiny_model), "-q", "-o", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "wrote copick segmentation" in capsys.readouterr().out
+    segs = copick.from_file(str(project)).get_run("TS_001").get_segmentations(name="membrane")
+    assert [(s.user_id, s.session_id) for s in segs] == [("cryomamba", "1")]
+    mask = cm.Volume.open(tmp_path / "out" / "mask.mrc").data.view(np.uint8)
+    np.testing.assert_array_equal(segs[0].numpy(), mask)
+    assert main(["segment", "--copick", str(project), "--model", str(tiny_model)]) != 0
+    assert "--copick needs --run, --tomo-type, --voxel-size" in capsys.readouterr().err
+    assert main(["segment", "--model", str(tiny_model)]) != 0
+    assert "segment needs IN and -o" in capsys.readouterr().err
