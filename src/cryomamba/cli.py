@@ -254,7 +254,10 @@ def _cmd_segment(args: argparse.Namespace, ui: _UI) -> int:
         ui.out.print(f"wrote copick segmentation {escape(str(seg))}", soft_wrap=True)
         return 0
     if args.input is None or args.out is None:
-        raise _UsageError("segment needs IN and -o/--out (or --copick ...)")
+        raise _UsageError(
+            "segment needs IN and -o/--out (or --copick ...)",
+            hint="see `cryomamba segment --help`",
+        )
     with cm.Volume.open(args.input) as volume:
         volume.require_tomogram()
         spec = cm.resolve_model(config.model)
