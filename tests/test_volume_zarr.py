@@ -120,6 +120,10 @@ def test_reads_touch_only_the_chunks_asked_for(tmp_path):
     block = np.asarray(region)
     assert block.shape == (32, 16, 16)
     assert set(store.reads) == {"0/0.0.0", "0/1.0.0"}  # two chunks of 32³, not the volume
+    store.reads.clear()
+    plane = vol.data[40, 0:64:8, 0:64:8]  # strided (napari's contrast sample): the span only
+    assert plane.shape == (8, 8) and (plane == 7).all()
+    assert set(store.reads) <= {"0/1.0.0", "0/1.0.1", "0/1.1.0", "0/1.1.1"}
 
 
 def test_memory_stays_bounded_reading_tiles_of_a_1gib_zarr(tmp_path):

@@ -106,7 +106,7 @@ class ZarrView:
         if len(key) != 3:
             raise IndexError(f"too many indices for a 3D volume: {key!r}")
         box = list(self._box)
-        drop: list[int] = []
+        post: list[int | slice] = []  # applied to the block read: steps, dropped axes
         for view_axis, k in enumerate(key):
             axis = self._perm[view_axis]
             lo, hi = box[axis]
@@ -116,16 +116,17 @@ class ZarrView:
                 if not 0 <= i < n:
                     raise IndexError(f"index {k} is out of bounds for an axis of size {n}")
                 box[axis] = (lo + i, lo + i + 1)
-                drop.append(view_axis)
-            elif isinstance(k, slice):
+                post.append(0)
+            elif isinstance(k, slice) and k.indices(n)[2] > 0:
                 start, stop, step = k.indices(n)
-                if step != 1:
-                    return np.asarray(self)[key]
-                box[axis] = (lo + start, lo + max(start, stop))
-            else:
+                box[axis] = (lo + start, lo + max(start, stop))  # read only the span
+                post.append(slice(None, None, step))
+            else:  # negative steps, fancy indexing: rare, read the view then index it
                 return np.asarray(self)[key]
         view = ZarrView(self._array, self._lead, tuple(box), self._perm)
-        return np.asarray(view).squeeze(axis=tuple(drop)) if drop else view
+        if all(p == slice(None, None, 1) for p in post):
+            return view  # plain slices stay lazy
+        return np.asarray(view)[tuple(post)]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         index = self._lead + tuple(slice(lo, hi) for lo, hi in self._box)
@@ -189,9 +190,9 @@ def _multiscales(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(ms[0])
 
 
-def _axes(ms: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
-    """The axes as dicts with name/type/unit (NGFF 0.3 strings are accepted too)."""
-    raw = ms.get("axes") or [{"name": n} for n in ("t", "c", "z", "y", "x")][-len(ms["datasets"]) :]
+def _axes(ms: Mapping[str, Any], where: str, ndim: int) -> list[dict[str, Any]]:
+    """The axes as dicts with name/type/unit (NGFF 0.3 strings, or none: t, c, z, y, x)."""
+    raw = ms.get("axes") or ["t", "c", "z", "y", "x"][-ndim:]
     axes = [{"name": a} if isinstance(a, str) else dict(a) for a in raw]
     names = [a.get("name") for a in axes]
     if not all(n in names for n in _SPATIAL):
@@ -213,7 +214,7 @@ def _transform(
         if kind == "scale":
             scale = scale * np.asarray(t["scale"], dtype=np.float64)
         elif kind == "translation":
-            shift = shift * 1.0 + np.asarray(t["translation"], dtype=np.float64)
+            shift = shift + np.asarray(t["translation"], dtype=np.float64)
         elif kind != "identity":
             raise InvalidVolumeError(
                 f"{where}: coordinate transformation {kind!r} is not supported",
@@ -259,7 +260,6 @@ def open_ome_zarr(
             hint="write it as OME-Zarr (ome_zarr.writer.write_image) or as MRC",
         )
     ms = _multiscales(group.attrs.asdict(), where)
-    axes = _axes(ms, where)
     datasets = ms.get("datasets") or []
     if not isinstance(level, int) or not 0 <= level < len(datasets):
         raise ConfigError(
@@ -274,6 +274,7 @@ def open_ome_zarr(
             f"{where}: level {level} names array {ds['path']!r}, which is missing",
             hint="the store is incomplete; copy or download it again",
         ) from None
+    axes = _axes(ms, where, array.ndim)
     if array.ndim != len(axes):
         raise InvalidVolumeError(
             f"{where}: level {level} has {array.ndim} dimensions but {len(axes)} axes are declared"
