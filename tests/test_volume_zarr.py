@@ -182,3 +182,8 @@ def test_a_missing_level_says_which_exist(tmp_path, noise_volume):
     path = _write_image(tmp_path / "t.zarr", noise_volume)
     with pytest.raises(cm.ConfigError, match=r"2 level\(s\) \(0..1\), not level 5"):
         cm.Volume.open(path, level=5)
+
+
+def test_mrc_files_have_only_level_0(mrc_file):
+    with pytest.raises(cm.ConfigError, match="one resolution level"):
+        cm.Volume.open(mrc_file, level=1)

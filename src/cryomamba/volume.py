@@ -122,6 +122,13 @@ class Volume:
 
         if is_zarr_location(path):
             return open_ome_zarr(path, level=level)
+        if level != 0:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"level={level!r}: an MRC file has one resolution level",
+                hint="levels are for OME-Zarr pyramids; leave level at 0",
+            )
         path = Path(path)
         lay = read_layout(path)
         raw_map = np.memmap(path, dtype=lay.dtype, mode="r", offset=lay.offset, shape=lay.shape)

@@ -55,11 +55,11 @@ def read(path: str | Sequence[str]) -> list[LayerData]:
 
 
 def _read_one(path: Path) -> LayerData | None:
-    from cryomamba import InvalidVolumeError, Volume
+    from cryomamba import CryoMambaError, Volume
 
     try:
         volume = Volume.open(path)
-    except InvalidVolumeError as exc:
+    except CryoMambaError as exc:  # refused, or zarr not installed for a .zarr
         _notify_error(f"{exc.message} — {exc.hint}" if exc.hint else exc.message)
         return None
     except OSError as exc:  # missing, unreadable, a directory...
