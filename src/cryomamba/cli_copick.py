@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_copick_arguments", "run_copick_segment"]
+__all__ = ["add_copick_arguments", "copick_batch_inputs", "run_copick_segment", "write_back"]
 
 
 def add_copick_arguments(add: Callable[..., Any]) -> None:
@@ -68,3 +68,71 @@ def run_copick_segment(
         save(result, config, args.out)
     sink.handle(cm.Completed(result=result))
     return sink.segmentation
+
+
+def copick_batch_inputs(config: Path, voxel_size: float, tomo_type: str, out: Path) -> list[Path]:
+    """One input per run that has the tomogram: a link ``out/.copick-inputs/<run>.zarr`` to
+    its OME-Zarr folder, so each run gets ``out/<run>/`` and any executor can open it by path
+    (filesystem projects only; the links live beside the results, on the same storage)."""
+    import cryomamba as cm
+
+    from .errors import ConfigError
+
+    root = cm.copick.open_project(config)
+    links = out / ".copick-inputs"
+    links.mkdir(parents=True, exist_ok=True)
+    inputs: list[Path] = []
+    for run in root.runs:
+        spacing = run.get_voxel_spacing(voxel_size)
+        found = spacing.get_tomograms(tomo_type) if spacing is not None else []
+        store = found[0].zarr() if found else None
+        folder = getattr(store, "path", None)
+        if folder is None or "://" in str(folder):
+            continue
+        link = links / f"{run.name}.zarr"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path(folder).resolve(), target_is_directory=True)
+        inputs.append(link)
+    if not inputs:
+        raise ConfigError(
+            f"no run of {config} has a {tomo_type!r} tomogram at {voxel_size} Å on disk",
+            hint="check --voxel-size and --tomo-type (cryomamba batch --copick reads "
+            "filesystem projects)",
+        )
+    return inputs
+
+
+def write_back(items: list[Any], config: Path, voxel_size: float, args: argparse.Namespace) -> int:
+    """Each completed run's mask.mrc, streamed into the project as a copick segmentation;
+    the number written."""
+    import cryomamba as cm
+
+    written = 0
+    for item in items:
+        if item.state not in ("completed", "skipped"):
+            continue
+        mask = cm.Volume.open(item.out / "mask.mrc")
+        labels = mask.data if mask.dtype.kind == "u" else mask.data.view("uint8")
+        names = {int(e["label"]): str(e["name"]) for e in _stats_labels(item.out)}
+        name = args.name or (next(iter(names.values())) if len(names) == 1 else args.model)
+        cm.copick.write_segmentation(
+            config,
+            labels,
+            run=item.source.name.removesuffix(".zarr"),
+            voxel_size=voxel_size,
+            name=name,
+            user_id=args.user_id,
+            session_id=args.session_id,
+            label_names=names,
+            origin=mask.origin,
+        )
+        written += 1
+    return written
+
+
+def _stats_labels(folder: Path) -> list[dict[str, Any]]:
+    import json
+
+    stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+    return [e for e in stats.get("labels", []) if int(e["label"])]

@@ -10,20 +10,42 @@ copick is imported inside the functions (extra ``copick``), never by ``import cr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import ConfigError, InvalidVolumeError, OutputError
 from .events import Completed, Event
 from .volume_zarr import ZarrVolume, open_ome_zarr
 
-__all__ = ["SegmentationSink", "tomogram"]
+__all__ = ["SegmentationSink", "open_project", "tomogram", "write_segmentation"]
 
 log = logging.getLogger(__name__)
 
 
-def _root(config: str | os.PathLike[str]) -> Any:
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """copick's modules call ``logging.basicConfig(force=True)`` when imported, replacing the
+    root logger's handlers with a Rich handler on stdout at INFO; put ours back afterwards so
+    an application's logging (and the CLI's stdout) is left as it was."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def open_project(config: str | os.PathLike[str]) -> Any:
+    """The copick root of a project config, or a `ConfigError` saying what is wrong."""
+    with _root_logging_kept():
+        return _open_project(config)
+
+
+def _open_project(config: str | os.PathLike[str]) -> Any:
     try:
         import copick
     except ImportError:
@@ -65,7 +87,7 @@ def tomogram(
     The volume remembers where it came from (`volume.copick`), so `SegmentationSink` can
     write the mask back to the same run and voxel spacing without being told again.
     """
-    root = _root(config)
+    root = open_project(config)
     the_run = _run(root, run)
     spacing = the_run.get_voxel_spacing(voxel_size)
     if spacing is None:
@@ -121,7 +143,7 @@ def write_segmentation(
     """
     from .zarr_write import write_ome_zarr_labels
 
-    root = _root(config)
+    root = open_project(config)
     the_run = _run(root, run)
     names = {k: v for k, v in (label_names or {}).items() if k}
     multilabel = len(names) > 1 if is_multilabel is None else is_multilabel
@@ -172,7 +194,7 @@ class SegmentationSink:
         voxel_size: float | None = None,
         is_multilabel: bool | None = None,
     ) -> None:
-        _root(config)  # refuse a bad project now, not after hours of inference
+        open_project(config)  # refuse a bad project now, not after hours of inference
         self.config = os.fspath(config)
         self.name, self.user_id, self.session_id = name, user_id, session_id
         self.run, self.voxel_size, self.is_multilabel = run, voxel_size, is_multilabel
