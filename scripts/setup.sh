@@ -86,7 +86,7 @@ echo "setting up .venv (first run only; a few minutes)..." >&2
 "$VPY" -m pip install --quiet --upgrade pip
 # CPU torch first, then the project under a constraint that keeps it (see docs/install.md).
 "$VPY" -m pip install --quiet torch==2.13.0
-"$VPY" -m pip install --quiet -c scripts/constraints.txt -e ".[dev,server,napari,napari-dev,dask]" \
+"$VPY" -m pip install --quiet -c scripts/constraints.txt -e ".[dev,server,napari,napari-dev,dask,zarr,copick]" \
   -e plugins/napari-cryomamba -e plugins/cryomamba-dask
 echo "$want_full" > "$full_stamp"
 echo "set-up done" >&2

@@ -119,8 +119,9 @@ def test_save_artifacts_writes_every_format(tmp_path, labels):
         provenance=provenance,
         label_names={1: "membrane"},
     )
-    assert set(paths) == set(FORMATS)
-    assert sorted(p.name for p in out.iterdir()) == sorted(FORMATS.values())
+    default = ["mrc", "nifti", "nrrd", "stats", "png"]  # zarr and probabilities are opt-in
+    assert list(paths) == default
+    assert sorted(p.name for p in out.iterdir()) == sorted(FORMATS[f] for f in default)
     stats = json.loads(paths["stats"].read_text())
     assert stats["provenance"] == provenance
     assert [(e["label"], e["name"]) for e in stats["labels"]] == [
@@ -219,7 +220,7 @@ def test_public_api():
         "write_overview_png",
         "write_stats_json",
     }
-    assert list(FORMATS) == ["mrc", "nifti", "nrrd", "stats", "png"]
+    assert list(FORMATS) == ["mrc", "nifti", "nrrd", "stats", "png", "zarr", "probabilities"]
 
 
 def test_check_output_dir_refuses_a_path_below_a_file_and_creates_nothing(tmp_path):

@@ -155,3 +155,21 @@ def test_segment_many_through_a_server_writes_here_and_a_rerun_skips(cohort, tmp
     finally:
         ex.close()
         server.stop()
+
+
+def test_ome_zarr_folders_are_one_input_each(tmp_path, tiny_model, noise_volume):
+    pytest.importorskip("zarr")
+    from cryomamba.zarr_write import create_group, multiscales_metadata
+
+    folder = tmp_path / "tomos"
+    folder.mkdir()
+    for name in ("TS_001.zarr", "TS_002.zarr"):
+        group = create_group(folder / name)
+        group.create_dataset("0", data=noise_volume, chunks=(8, 8, 8))
+        group.attrs.update(multiscales_metadata(1, (10.0, 10.0, 10.0), (0.0, 0.0, 0.0), name))
+    assert [p.name for p in expand_inputs(folder)] == ["TS_001.zarr", "TS_002.zarr"]
+    assert [p.name for p in expand_inputs(folder / "TS_001.zarr")] == ["TS_001.zarr"]
+    cfg = cm.JobConfig(model=str(tiny_model), formats=("zarr", "stats"))
+    items = cm.segment_many(folder, cfg, out=tmp_path / "segs")
+    assert [i.state for i in items] == ["completed", "completed"]
+    assert (tmp_path / "segs" / "TS_002" / "mask.zarr" / ".zattrs").is_file()

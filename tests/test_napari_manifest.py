@@ -54,8 +54,8 @@ def test_contributions(manifest):
     commands = {c.id: c.python_name for c in manifest.contributions.commands}
     (reader,) = manifest.contributions.readers
     assert commands[reader.command] == READER
-    assert set(reader.filename_patterns) == {"*.mrc", "*.map", "*.rec", "*.mrcs"}
-    assert not reader.accepts_directories
+    assert set(reader.filename_patterns) == {"*.mrc", "*.map", "*.rec", "*.mrcs", "*.zarr"}
+    assert reader.accepts_directories  # OME-Zarr images are folders
     (widget,) = manifest.contributions.widgets
     assert commands[widget.command] == WIDGET
     assert widget.display_name == "CryoMamba"

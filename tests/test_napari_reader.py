@@ -228,3 +228,31 @@ def test_viewer_reports_refused_files_without_an_exception(viewer, name, errors)
     assert len(viewer.layers) == 0
     [message] = errors()
     assert REAL_FILES[name] in message
+
+
+# -- OME-Zarr ----------------------------------------------------------------------------------
+def test_viewer_opens_ome_zarr_images_and_labels_in_angstrom(viewer, tmp_path, errors):
+    pytest.importorskip("zarr")
+    from cryomamba.zarr_write import create_group, multiscales_metadata, write_ome_zarr_labels
+
+    image = np.random.default_rng(0).normal(size=(20, 24, 28)).astype(np.float32)
+    group = create_group(tmp_path / "tomo.zarr")
+    group.create_dataset("0", data=image, chunks=(8, 8, 8))
+    group.create_dataset("1", data=image[::2, ::2, ::2], chunks=(8, 8, 8))
+    group.attrs.update(multiscales_metadata(2, (10.0, 8.0, 8.0), (1.0, 2.0, 3.0), "tomo"))
+    labels = (image > 1).astype(np.uint8)
+    write_ome_zarr_labels(tmp_path / "mask.zarr", labels, voxel_size=(10, 8, 8), origin=(1, 2, 3))
+    assert get_reader(str(tmp_path / "tomo.zarr")) is read
+    [img] = viewer.open(str(tmp_path / "tomo.zarr"), plugin="napari-cryomamba")
+    [lab] = viewer.open(str(tmp_path / "mask.zarr"), plugin="napari-cryomamba")
+    assert img.multiscale and len(img.data) == 2 and img.data[0].shape == image.shape
+    assert type(lab).__name__ == "Labels"
+    np.testing.assert_array_equal(np.asarray(lab.data), labels)
+    for layer in (img, lab):
+        np.testing.assert_allclose(layer.scale, (10.0, 8.0, 8.0))
+        np.testing.assert_allclose(layer.translate, (1.0, 2.0, 3.0))
+    (tmp_path / "plain.zarr").mkdir()
+    (tmp_path / "plain.zarr" / ".zgroup").write_text('{"zarr_format": 2}')
+    assert viewer.open(str(tmp_path / "plain.zarr"), plugin="napari-cryomamba") == []
+    [message] = errors()
+    assert "not an OME-Zarr image" in message

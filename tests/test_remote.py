@@ -668,3 +668,43 @@ def test_a_server_that_never_answered_fails_fast_with_default_retries(mrc_file):
     assert isinstance(failed, Failed) and failed.code == "server_unreachable"
     assert url in failed.message and "cryomamba serve" in failed.hint
     assert time.monotonic() - start < 10
+
+
+def test_zarr_input_and_zarr_artifacts_travel_as_zips(server, token, tmp_path, noise_volume):
+    """An OME-Zarr source is sent as MRC; mask.zarr and probabilities.zarr come back as one
+    zip each, are checked and unpacked, and FileSink writes them like local results."""
+    zarr = pytest.importorskip("zarr")
+    from cryomamba.zarr_write import create_group, multiscales_metadata
+
+    group = create_group(tmp_path / "tomo.zarr")
+    group.create_dataset("0", data=noise_volume, chunks=(8, 8, 8))
+    group.attrs.update(multiscales_metadata(1, (10.0, 10.0, 10.0), (0.0, 0.0, 0.0), "tomo"))
+    out = tmp_path / "out"
+    sink = cm.sinks.FileSink(out, formats=["zarr", "probabilities", "mrc"])
+    job = cm.submit(
+        str(tmp_path / "tomo.zarr"),
+        JobConfig(model="tiny", formats=("zarr",)),
+        executor="remote",
+        server=server.url,
+        token=token,
+        sinks=[sink],
+    )
+    result = job.result(120)
+    assert job.sink_errors == []
+    record = httpx.get(
+        f"{server.url}/v1/jobs/{result.provenance['remote']['job_id']}",
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()
+    assert {"mask.zarr.zip", "probabilities.zarr.zip"} <= set(record["artifacts"])
+    assert result.artifacts["zarr"].is_dir()
+    np.testing.assert_array_equal(zarr.open(str(result.artifacts["zarr"]))["0"][:], result.labels)
+    assert {p.name for p in out.iterdir()} == {"mask.zarr", "probabilities.zarr", "mask.mrc"}
+    again = cm.threshold(out / "probabilities.zarr", at=0.5)
+    np.testing.assert_array_equal(again.labels, np.asarray(result.labels))
+    # the zip itself opens in zarr as it is
+    url = record["artifacts"]["mask.zarr.zip"]["url"]
+    blob = httpx.get(url if url.startswith("http") else f"{server.url}{url}").content
+    (tmp_path / "m.zip").write_bytes(blob)
+    store = zarr.storage.ZipStore(str(tmp_path / "m.zip"), mode="r")
+    np.testing.assert_array_equal(zarr.open(store, mode="r")["0"][:], result.labels)
+    store.close()

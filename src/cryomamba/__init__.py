@@ -9,7 +9,7 @@ Importing this package is cheap: torch, nnU-Net and napari load only when a job 
 
 from __future__ import annotations
 
-from . import sinks
+from . import copick, sinks
 from ._version import __version__
 from .api import segment, submit
 from .cohort import segment_many
@@ -27,6 +27,7 @@ from .events import Canceled, Completed, Event, Failed, Preview, Progress
 from .hookspecs import hookimpl
 from .job import Job, JobState
 from .models import ModelSpec, available_models, resolve_model
+from .probabilities import threshold
 from .segmentation import Segmentation
 from .volume import Volume
 
@@ -52,10 +53,12 @@ __all__ = [
     "Volume",
     "__version__",
     "available_models",
+    "copick",
     "hookimpl",
     "resolve_model",
     "segment",
     "segment_many",
     "sinks",
     "submit",
+    "threshold",
 ]

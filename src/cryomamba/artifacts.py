@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .config import ARTIFACT_FILES
+from .config import ARTIFACT_FILES, DEFAULT_FORMATS
 from .errors import InvalidVolumeError, OutputError
 from .mrc_write import write_mrc_volume
 from .overview import write_overview_png
@@ -301,24 +301,53 @@ def _check_formats(formats: Iterable[str]) -> list[str]:
     return chosen
 
 
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename `tmp` over `final`; a folder (zarr) already there is moved aside, then removed."""
+    if tmp.is_dir() and final.is_dir():
+        old = final.with_name(f"{_TMP_PREFIX}old-{secrets.token_hex(4)}-{final.name}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _remove(path: Path) -> None:
+    """Delete a written artifact: a file, or a zarr folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def save_artifacts(
     out_dir: str | os.PathLike[str],
     labels: np.ndarray,
     *,
     voxel_size: Sequence[float],
     origin: Sequence[float] | None = None,
-    formats: Iterable[str] = tuple(FORMATS),
+    formats: Iterable[str] = DEFAULT_FORMATS,
     stats: Mapping[str, Any] | None = None,
     image: np.ndarray | None = None,
     provenance: Mapping[str, Any] | None = None,
     label_names: Mapping[int, str] | None = None,
     header_like: Any = None,
+    probabilities: str | os.PathLike[str] | None = None,
 ) -> dict[str, Path]:
     """Write the requested artifacts into `out_dir`, all or nothing; return format → path.
 
     stats.json holds `stats` (computed with `label_stats` when None) plus `provenance`.
+    `mask.zarr` is written slab by slab (`zarr_write`); `probabilities.zarr` is a copy of
+    the `probabilities` folder the engine streamed during the job.
     """
     chosen = _check_formats(formats)
+    if "probabilities" in chosen and probabilities is None:
+        raise OutputError(
+            "probability maps were not computed for this job",
+            hint="ask for them before it runs: formats=[..., 'probabilities'] in the job config "
+            "(or --formats ...,probabilities); they cost 2 bytes per voxel per label",
+            code="probabilities_not_computed",
+        )
     check_label_array(labels)
     vs = check_voxel_size(voxel_size)
     out = _prepare_dir(out_dir)
@@ -340,6 +369,15 @@ def save_artifacts(
                 write_nifti(tmp, labels, voxel_size=vs, origin=origin)
             elif fmt == "nrrd":
                 write_nrrd(tmp, labels, voxel_size=vs, origin=origin)
+            elif fmt == "zarr":
+                from .zarr_write import write_ome_zarr_labels
+
+                org = _origin3(origin)
+                write_ome_zarr_labels(
+                    tmp, labels, voxel_size=vs, origin=org, label_names=label_names
+                )
+            elif fmt == "probabilities":
+                shutil.copytree(os.fspath(probabilities or ""), tmp)  # None refused above
             elif fmt == "stats":
                 if stats is None:
                     stats = label_stats(labels, vs, label_names=label_names)
@@ -353,11 +391,11 @@ def save_artifacts(
         result: dict[str, Path] = {}
         for fmt, tmp in temps.items():
             result[fmt] = out / FORMATS[fmt]
-            os.replace(tmp, result[fmt])
+            _replace(tmp, result[fmt])
             placed.append(result[fmt])
     except BaseException as exc:
         for leftover in [*temps.values(), *placed]:
-            leftover.unlink(missing_ok=True)
+            _remove(leftover)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(
                 f"could not write artifacts in {out}: {exc}",

@@ -28,7 +28,13 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(add: Any) -> None:
     """The flags of `cryomamba batch` (`add` is a parser's `add_argument`)."""
-    add("inputs", nargs="+", metavar="IN", help="tomograms, globs ('tomos/*.mrc') or folders")
+    add("inputs", nargs="*", metavar="IN", help="tomograms, globs ('tomos/*.mrc') or folders")
+    add("--copick", type=Path, metavar="CONFIG", help="every run of a copick project instead")
+    add("--voxel-size", type=float, help="with --copick: the voxel spacing (Å)")
+    add("--tomo-type", help="with --copick: the tomogram type (e.g. wbp)")
+    add("--name", help="with --copick: the segmentation's name (default: the model's label)")
+    add("--user-id", default="cryomamba", help="with --copick: user/tool id")
+    add("--session-id", default="1", help="with --copick: session id")
     add("-o", "--out", type=Path, required=True, help="output folder: OUT/<stem>/, summary.csv")
     add("--model", default="demo-membrane", help="registered model name or model folder")
     add("--executor", default="local", help="local (one after another), dask or remote")
@@ -101,10 +107,24 @@ def run(args: argparse.Namespace, err: Console, out: Console, quiet: bool = Fals
     config = JobConfig(
         model=args.model, device=args.device, tile_step=args.tile_step, tile_batch=args.tile_batch
     )
+    inputs = args.inputs
+    if args.copick is not None:
+        from .cli_copick import copick_batch_inputs
+
+        if args.voxel_size is None or not args.tomo_type or inputs:
+            raise ConfigError(
+                "--copick takes --voxel-size and --tomo-type, and no IN",
+                hint="cryomamba batch --copick copick.json --voxel-size 10 --tomo-type wbp -o out/",
+            )
+        inputs = copick_batch_inputs(args.copick, args.voxel_size, args.tomo_type, args.out)
+    elif not inputs:
+        raise ConfigError(
+            "batch needs inputs", hint="give tomograms, globs or folders, or --copick"
+        )
     columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.TaskProgressColumn())
     with rp.Progress(*columns, rp.TimeElapsedColumn(), console=err, disable=quiet) as progress:
         items = segment_many(
-            args.inputs,
+            inputs,
             config,
             out=args.out,
             executor=args.executor,
@@ -121,5 +141,10 @@ def run(args: argparse.Namespace, err: Console, out: Console, quiet: bool = Fals
     if not quiet:
         out.print(table)
     out.print(f"summary: {escape(str(args.out / 'summary.csv'))}", soft_wrap=True)
+    if args.copick is not None:
+        from .cli_copick import write_back
+
+        n = write_back(items, args.copick, args.voxel_size, args)
+        out.print(f"wrote {n} copick segmentation(s) into {escape(str(args.copick))}")
     failed = [i for i in items if i.state not in ("completed", "skipped")]
     return 1 if failed else 0

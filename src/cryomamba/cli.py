@@ -33,7 +33,7 @@ from rich.text import Text
 import cryomamba as cm
 
 from .artifacts import check_output_dir, existing_artifacts
-from .config import FORMATS, RESAMPLE_MODES
+from .config import DEFAULT_FORMATS, FORMATS, RESAMPLE_MODES
 
 __all__ = ["EXIT_CANCELED", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -126,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p.add_argument
 
     add = command("segment", "segment a tomogram (MRC/CCP4) and write the results")
-    add("input", type=Path, metavar="IN", help="the tomogram")
-    add("-o", "--out", type=Path, required=True, help="output folder")
+    add("input", type=Path, metavar="IN", nargs="?", help="the tomogram (MRC or OME-Zarr)")
+    add("-o", "--out", type=Path, help="output folder (required unless --copick)")
     add("--model", default="demo-membrane", help="registered model name or model folder")
-    add("--formats", type=_formats, default=FORMATS, help=f"some of {','.join(FORMATS)}")
+    add("--formats", type=_formats, default=DEFAULT_FORMATS, help=f"some of {','.join(FORMATS)}")
     add("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     add("--tile-step", type=float, default=0.5, help="tile step, fraction of a tile (0, 1]")
     add(
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--overwrite", action="store_true", help="replace results already in the output folder")
     add("-q", "--quiet", action="store_true", help="no progress bar or table; print the paths")
+    from .cli_copick import add_copick_arguments
+
+    add_copick_arguments(add)
 
     add = command("batch", "segment many tomograms (paths, globs, folders) on any executor")
     from .batch import add_arguments as add_batch_arguments
@@ -216,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--to", type=Path, metavar="B", help="folder of backups (each in a timestamped folder)")
     add("--keep", type=int, metavar="N", help="then keep only the newest N complete backups")
 
+    from .cli_threshold import add_threshold_command
+
+    add_threshold_command(sub, common)
+
     add = command("restore", "restore a backup into a new, empty data folder")
     add("backup", type=Path, metavar="B", help="a backup, or a --to folder (its newest backup)")
     add("--data-dir", type=Path, required=True, help="the new data folder (absent or empty)")
@@ -235,6 +242,22 @@ def _cmd_segment(args: argparse.Namespace, ui: _UI) -> int:
         "resample",
     )
     config = cm.JobConfig(**{name: getattr(args, name) for name in fields})
+    if args.copick is not None:
+        from .cli_copick import run_copick_segment
+
+        seg = run_copick_segment(
+            args,
+            config,
+            lambda volume, cfg: _run_job(ui, volume, cfg),
+            lambda result, cfg, out: result.save(out, cfg.formats),
+        )
+        ui.out.print(f"wrote copick segmentation {escape(str(seg))}", soft_wrap=True)
+        return 0
+    if args.input is None or args.out is None:
+        raise _UsageError(
+            "segment needs IN and -o/--out (or --copick ...)",
+            hint="see `cryomamba segment --help`",
+        )
     with cm.Volume.open(args.input) as volume:
         volume.require_tomogram()
         spec = cm.resolve_model(config.model)

@@ -32,7 +32,7 @@ __all__ = ["SUFFIXES", "CohortItem", "expand_inputs", "segment_many", "write_sum
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".mrc", ".map", ".rec", ".st", ".ccp4")
+SUFFIXES = (".mrc", ".map", ".rec", ".st", ".ccp4", ".zarr")  # .zarr: an OME-Zarr folder
 """The files a folder given as input contributes (a glob picks what it matches)."""
 
 _DONE = frozenset({*(s.value for s in TERMINAL_STATES), "skipped"})
@@ -74,7 +74,7 @@ def expand_inputs(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[st
     for item in inputs:
         text = os.fspath(item)
         path = Path(text)
-        if path.is_dir():
+        if path.is_dir() and path.suffix.lower() != ".zarr":  # a .zarr folder is one tomogram
             matches = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
         elif glob.has_magic(text):
             matches = sorted(Path(p) for p in glob.glob(text, recursive=True))

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ARTIFACT_FILES", "ARTIFACT_MEDIA_TYPES", "FORMATS", "JobConfig"]
+__all__ = ["ARTIFACT_FILES", "ARTIFACT_MEDIA_TYPES", "DEFAULT_FORMATS", "FORMATS", "JobConfig"]
 
 # The one list of outputs: format name → file name in the output folder → media type. The
 # writers, the server's routes and OpenAPI document, and the remote executor derive theirs.
@@ -26,6 +26,8 @@ ARTIFACT_FILES: dict[str, str] = {
     "nrrd": "mask.nrrd",
     "stats": "stats.json",
     "png": "overview.png",
+    "zarr": "mask.zarr",  # a folder: OME-Zarr (NGFF 0.4) labels, served as one zip
+    "probabilities": "probabilities.zarr",  # a folder; opt-in: 2 bytes/voxel/label
 }
 ARTIFACT_MEDIA_TYPES: dict[str, str] = {
     "mask.mrc": "application/octet-stream",
@@ -33,8 +35,12 @@ ARTIFACT_MEDIA_TYPES: dict[str, str] = {
     "mask.nrrd": "application/octet-stream",
     "stats.json": "application/json",
     "overview.png": "image/png",
+    "mask.zarr.zip": "application/zip",
+    "probabilities.zarr.zip": "application/zip",
 }
-FORMATS: tuple[str, ...] = tuple(ARTIFACT_FILES)  # mrc, nifti, nrrd, stats, png
+FORMATS: tuple[str, ...] = tuple(ARTIFACT_FILES)  # every format a job may ask for
+# What a job writes when it names no formats: the zarr copies and probability maps are opt-in.
+DEFAULT_FORMATS: tuple[str, ...] = ("mrc", "nifti", "nrrd", "stats", "png")
 # The rules' numbers, named once: validation below and the JSON Schema (config_schema.py)
 # both read them, so the server's OpenAPI document cannot drift from what JobConfig accepts.
 CHECKPOINTS: tuple[str, ...] = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -64,7 +70,7 @@ class JobConfig:
     tile_batch: int = 1
     preview_interval_s: float = 1.0
     preview_scale: int = 4
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     resample: str = "auto"
     voxel_size: tuple[float, float, float] | None = None
 

@@ -29,6 +29,7 @@ class Segmentation:
     image: np.ndarray | None = field(default=None, repr=False)
     header: Any = field(default=None, repr=False)  # the source MRC header, for n[xyz]start
     artifacts: dict[str, Path] = field(default_factory=dict)
+    probabilities: Path | None = None  # the per-label softmax the job streamed (a zarr folder)
     _stats: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -48,9 +49,9 @@ class Segmentation:
     def save(self, out_dir: str | Path, formats: Sequence[str] | None = None) -> dict[str, Path]:
         """Write mask.mrc / mask.nii.gz / mask.nrrd / stats.json / overview.png (all or nothing)."""
         from .artifacts import save_artifacts
-        from .config import FORMATS
+        from .config import DEFAULT_FORMATS
 
-        formats = tuple(formats) if formats is not None else FORMATS
+        formats = tuple(formats) if formats is not None else DEFAULT_FORMATS
         stats = self.stats if ("stats" in formats or "png" in formats) else None
         paths = save_artifacts(
             Path(out_dir),
@@ -62,6 +63,7 @@ class Segmentation:
             image=self.image,
             provenance={"cryomamba_version": __version__, **self.provenance},
             label_names=self.label_names,
+            probabilities=self.probabilities,
         )
         self.artifacts.update(paths)
         log.info("wrote %s", ", ".join(str(p) for p in paths.values()))

@@ -108,12 +108,27 @@ class Volume:
     # -- construction -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, sha256: str | None = None) -> Volume:
+    def open(
+        cls, path: str | os.PathLike[str], *, sha256: str | None = None, level: int = 0
+    ) -> Volume:
         """Validate an MRC file's header against its size, then memory-map its data.
 
+        An OME-Zarr image (a ``.zarr`` folder or URL) opens through `volume_zarr` instead,
+        at pyramid `level` (0 is full resolution), read lazily in chunks.
         `sha256` is the file's checksum when the caller already knows it (the server
         verified it at upload), so `checksum()` need not read the whole file again.
         """
+        from .volume_zarr import is_zarr_location, open_ome_zarr
+
+        if is_zarr_location(path):
+            return open_ome_zarr(path, level=level)
+        if level != 0:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"level={level!r}: an MRC file has one resolution level",
+                hint="levels are for OME-Zarr pyramids; leave level at 0",
+            )
         path = Path(path)
         lay = read_layout(path)
         raw_map = np.memmap(path, dtype=lay.dtype, mode="r", offset=lay.offset, shape=lay.shape)

@@ -374,10 +374,12 @@ class LogitsToSource:
         plan: ResamplePlan,
         out: np.ndarray,
         on_planes: Callable[[int, int], None] | None = None,
+        on_logits: Callable[[int, torch.Tensor], None] | None = None,
     ) -> None:
         self.plan = plan
         self.out = out
         self.on_planes = on_planes
+        self.on_logits = on_logits  # (j0, logits (C, n, Y, X)) before the arg-max, if given
         self._needed = set(plan.to_source[0].needed().tolist())
         self._model: dict[int, torch.Tensor] = {}
         self.received = 0  # model planes [0, received) have been pushed
@@ -399,15 +401,18 @@ class LogitsToSource:
         nz = self.plan.source_shape[0]
         start = self.written
         labels: list[np.ndarray] = []
+        planes: list[torch.Tensor] = []
         while self.written < nz and zmap.last(self.written) < self.received:
             plane = zmap.combine(self.written, self._model.__getitem__)
             labels.append(plane.argmax(0).to(torch.uint8).cpu().numpy())
+            if self.on_logits is not None:
+                planes.append(plane)
             self.written += 1
             if len(labels) == 4:  # write in small blocks: bounded temporaries
-                self._write(start, labels)
-                start, labels = self.written, []
+                self._write(start, labels, planes)
+                start, labels, planes = self.written, [], []
         if labels:
-            self._write(start, labels)
+            self._write(start, labels, planes)
         if self.written < nz:
             keep = zmap.first(self.written)
             for k in [k for k in self._model if k < keep]:
@@ -415,7 +420,9 @@ class LogitsToSource:
         else:
             self._model.clear()
 
-    def _write(self, start: int, labels: list[np.ndarray]) -> None:
+    def _write(self, start: int, labels: list[np.ndarray], planes: list[torch.Tensor]) -> None:
         self.out[start : start + len(labels)] = np.stack(labels)
+        if self.on_logits is not None:
+            self.on_logits(start, torch.stack(planes, dim=1))
         if self.on_planes is not None:
             self.on_planes(start, start + len(labels))

@@ -38,6 +38,7 @@ ReleaseFn = Callable[[int, int], None]
 Normalize = Callable[[np.ndarray], np.ndarray]
 TilesIn = Callable[[int, list[tuple[int, int]]], torch.Tensor]  # (z, [(y, x)]) → (n, 1, *patch)
 Finish = Callable[[torch.Tensor, torch.Tensor, int, int], None]  # logits, weights, base, end
+LogitsFn = Callable[[int, torch.Tensor], None]  # (region z0, mean logits (C, n, Y, X))
 
 
 class GpuOutOfMemory(CryoMambaError):
@@ -63,6 +64,7 @@ class StreamingPredictor:
         self.tile_batch = tile_batch
         self.device = model.device
         self.autocast = fp16 and self.device.type == "cuda"
+        self._on_logits: LogitsFn | None = None  # set by `predict` for one call
 
     def plan(self, shape: tuple[int, int, int]) -> TileGrid:
         """The tile grid for an uncropped volume of `shape` (an upper bound on the work)."""
@@ -83,6 +85,7 @@ class StreamingPredictor:
         release: ReleaseFn | None = None,
         scan: IntensityScan | None = None,
         spacing: Sequence[float] | None = None,
+        on_logits: LogitsFn | None = None,
     ) -> np.ndarray:
         """Segment `data` (Z, Y, X) into `out` (zero-filled uint8, same shape), returning `out`.
 
@@ -96,7 +99,9 @@ class StreamingPredictor:
         `on_progress(tiles_done, tiles_total)` after each tile batch; `on_planes(z0, z1)` when
         output planes z0..z1 (source coordinates) are final — they are finished in increasing
         z, so `z1` is how far the mask is done; `release(z0, z1)` when source planes are no
-        longer needed. `cancel` is checked between tile batches.
+        longer needed. `cancel` is checked between tile batches. `on_logits(z0, logits)` gets
+        the final mean logits (classes, n, Y, X) of planes z0.. of the cropped region (working
+        axis order, source grid) just before their arg-max: probability maps are their softmax.
         """
         if data.ndim != 3:
             raise InvalidVolumeError(f"expected a 3D volume (Z, Y, X), got shape {data.shape}")
@@ -140,6 +145,7 @@ class StreamingPredictor:
             if on_planes is not None:
                 on_planes(z0, z1)
 
+        self._on_logits = on_logits
         try:
             if plan is None:
                 tiles_in, finish = self._plain_io(
@@ -160,6 +166,7 @@ class StreamingPredictor:
                 "run on a GPU with more memory; the CPU (device cpu) always works, slowly",
             ) from None
         finally:
+            self._on_logits = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         if on_planes is not None and finished[0] < data.shape[0]:
@@ -247,7 +254,7 @@ class StreamingPredictor:
             if not zmap.transposed_z:
                 on_planes(*zmap.source_span(j0, j1, plan.source_shape[0]))
 
-        to_source = LogitsToSource(plan, out_region, region_planes)
+        to_source = LogitsToSource(plan, out_region, region_planes, self._on_logits)
 
         def tiles_in(z: int, batch: list[tuple[int, int]]) -> torch.Tensor:
             planes = window.planes(z - bz, z - bz + pz)
@@ -346,9 +353,15 @@ class StreamingPredictor:
             return
         for a in range(lo, hi, _FINALIZE_PLANES):  # in small blocks: bounded temporaries
             b = min(a + _FINALIZE_PLANES, hi)
-            out_region[a - bz : b - bz] = self._labels(
-                logits, weights, a - base, b - base, (by, bx, sy, sx), n_folds
-            )
+            if self._on_logits is None:
+                out_region[a - bz : b - bz] = self._labels(
+                    logits, weights, a - base, b - base, (by, bx, sy, sx), n_folds
+                )
+                continue
+            pred = self._mean_logits(logits, weights, a - base, b - base, n_folds)
+            pred = pred[:, :, by : by + sy, bx : bx + sx]
+            out_region[a - bz : b - bz] = pred.argmax(0).to(torch.uint8).cpu().numpy()
+            self._on_logits(a - bz, pred)
 
     @staticmethod
     def _labels(

@@ -7,14 +7,20 @@ on a worker thread; the caller's thread only reads events.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from ..config import JobConfig
+from ..errors import ConfigError
 from ..events import Canceled, Completed, Progress
 from ..hookspecs import hookimpl
 from ..job import Job, JobState
@@ -76,6 +82,10 @@ class LocalExecutor:
             if queued and queued[0].cancel():  # still queued: it will never start
                 fed[0].emit(Canceled())
 
+        if "probabilities" not in config.formats and any(
+            "probabilities" in (getattr(s, "formats", None) or ()) for s in sinks
+        ):  # a FileSink asks for them: they can only be made while the job runs
+            config = config.replace(formats=(*config.formats, "probabilities"))
         fed.append(job_for(job, sinks, on_cancel))
         queued.append(self._pool.submit(self._run, fed[0], source, config))
         return fed[0]
@@ -149,6 +159,11 @@ class LocalExecutor:
                 last_preview[0] = now
             release_pages(labels, 0, z1)  # finished planes (and those the preview read) leave RAM
 
+        probs = (
+            _probability_writer(volume, model, config, job, spacing)
+            if ("probabilities" in config.formats)
+            else None
+        )
         try:
             predictor.predict(
                 volume.data,
@@ -158,9 +173,17 @@ class LocalExecutor:
                 cancel=job.cancel_requested,
                 release=volume.release,
                 spacing=spacing.engine_spacing,
+                scan=probs[1] if probs else None,
+                on_logits=probs[0] if probs else None,
             )
-        except EngineCanceled:
-            raise _CanceledSignal from None
+        except BaseException as exc:
+            if probs:
+                shutil.rmtree(probs[2].parent, ignore_errors=True)
+            if isinstance(exc, EngineCanceled):
+                raise _CanceledSignal from None
+            raise
+        if probs:
+            probs[0].close()
         provenance = {
             "model": {
                 "name": spec.name,
@@ -175,11 +198,12 @@ class LocalExecutor:
                 "path": str(volume.path) if volume.path else None,
                 "sha256": volume.checksum(),
                 "shape": list(volume.shape),
+                **({"copick": cp} if (cp := getattr(volume, "copick", None)) else {}),
             },
             "spacing": spacing.to_dict(),
             "seconds": round(time.monotonic() - began, 3),
         }
-        return Segmentation(
+        result = Segmentation(
             labels=labels,
             # an override is the true voxel size: the mask and its statistics carry it
             voxel_size=spacing.voxel_size if spacing.source == "override" else volume.voxel_size,
@@ -189,6 +213,41 @@ class LocalExecutor:
             image=volume.data,
             header=volume.header,
         )
+        if probs:
+            result.probabilities = probs[2]
+            weakref.finalize(result, shutil.rmtree, probs[2].parent, True)
+        return result
+
+
+def _probability_writer(
+    volume: Volume, model: Any, config: JobConfig, job: Job, spacing: Any
+) -> tuple[Any, Any, Path]:
+    """A `ProbabilityWriter` in a temporary folder (removed with the result), and the
+    intensity scan whose bounding box tells it where the engine's crop lies."""
+    from ..engine.normalize import scan_intensities
+    from ..probabilities import ProbabilityWriter
+
+    if tuple(model.transpose_forward) != (0, 1, 2):
+        raise ConfigError(
+            "probability maps need a model that keeps the z, y, x axis order "
+            f"(this one's transpose_forward is {list(model.transpose_forward)})",
+            hint="leave 'probabilities' out of the formats for this model",
+        )
+    scan = scan_intensities(volume.data, release=volume.release, cancel=job.cancel_requested)
+    folder = Path(
+        tempfile.mkdtemp(prefix="cryomamba-probs-", dir=os.environ.get("CRYOMAMBA_TMPDIR"))
+    )
+    path = folder / "probabilities.zarr"
+    writer = ProbabilityWriter(
+        path,
+        volume.shape,
+        model.num_classes,
+        voxel_size=spacing.voxel_size if spacing.source == "override" else volume.voxel_size,
+        origin=volume.origin,
+        label_names=model.label_names,
+        bbox=scan.bbox,
+    )
+    return writer, scan, path
 
 
 _IO_HINT = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -258,6 +259,7 @@ class JobRunner:
                     retryable=True,
                 ),
             )
+        paths = {f: _one_file(p) for f, p in paths.items()}  # a zarr folder → one .zip
         artifacts = {
             path.name: {"sha256": _sha256(path), "size": path.stat().st_size}
             for path in paths.values()
@@ -384,3 +386,14 @@ class _Recorder:
 def _requested_device(row: dict[str, Any]) -> str | None:
     device = row["config"].get("device", "auto")
     return None if device == "auto" else device
+
+
+def _one_file(path: Path) -> Path:
+    """A folder artifact (mask.zarr, probabilities.zarr) zipped beside it, the folder removed."""
+    if not path.is_dir():
+        return path
+    from ..folder_zip import zip_folder
+
+    archive = zip_folder(path, path.with_name(path.name + ".zip"))
+    shutil.rmtree(path, ignore_errors=True)
+    return archive

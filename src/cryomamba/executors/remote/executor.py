@@ -44,6 +44,7 @@ import numpy as np
 from ...config import JobConfig
 from ...errors import ConfigError, CryoMambaError, InvalidVolumeError
 from ...events import Canceled, Completed
+from ...folder_zip import unzip_folder
 from ...hookspecs import hookimpl
 from ...job import Job, JobState
 from ...registry import Registry
@@ -169,6 +170,10 @@ class RemoteExecutor:
             if job_id is not None:
                 threading.Thread(target=self._delete, args=(job_id,), daemon=True).start()
 
+        if "probabilities" not in config.formats and any(
+            "probabilities" in (getattr(s, "formats", None) or ()) for s in sinks
+        ):  # a FileSink asks for them: the server can only make them while the job runs
+            config = config.replace(formats=(*config.formats, "probabilities"))
         job = job_for(job, sinks, on_cancel)
         remote = _Remote(cancel=job.cancel_requested)
         thread = threading.Thread(
@@ -267,7 +272,7 @@ class RemoteExecutor:
         if isinstance(source, UploadedFile):
             return {"file_id": source.id}
         assert local is not None
-        if local.path is not None:
+        if local.path is not None and Path(local.path).is_file():  # an MRC: sent as it is
             return {"file_id": self.uploader.upload(Path(local.path), cancel)}
         folder = Path(tempfile.mkdtemp(prefix="cryomamba-upload-", dir=_tmpdir()))
         try:
@@ -285,7 +290,8 @@ class RemoteExecutor:
 
         job_id = str(record["id"])
         available = dict(record.get("artifacts") or {})
-        wanted = {f: FORMATS[f] for f in ("mrc", "stats", *config.formats)}
+        # folder artifacts (zarr) travel as one zip each and are unpacked here
+        wanted = {f: _served_name(FORMATS[f]) for f in ("mrc", "stats", *config.formats)}
         lacking = [n for f, n in wanted.items() if f in ("mrc", "stats") and n not in available]
         if lacking:
             raise RemoteError(
@@ -304,6 +310,10 @@ class RemoteExecutor:
             if remove is not None:
                 remove()
             raise
+        for f, p in list(paths.items()):
+            if p.suffix == ".zip":
+                paths[f] = unzip_folder(p, p.with_suffix(""))
+                p.unlink()
         mask = Volume.open(paths["mrc"])
         labels = mask.data.view(np.uint8) if mask.dtype == np.int8 else mask.data  # mode 0
         stats = json.loads(paths["stats"].read_text(encoding="utf-8"))
@@ -326,6 +336,7 @@ class RemoteExecutor:
             header=geometry.header if geometry.header is not None else mask.header,
             artifacts=paths,
             _stats=stats,
+            probabilities=paths.get("probabilities"),
         )
         if remove is not None:  # the folder goes with the result (or at close)
             self._track_temporary(weakref.finalize(result, remove))
@@ -433,6 +444,11 @@ def _array_without_voxel_size(local: Volume | None, config: JobConfig) -> bool:
         and config.voxel_size is None
         and not header_trusted(local.voxel_size, local.voxel_size_known)
     )
+
+
+def _served_name(name: str) -> str:
+    """The server's name for an artifact: a folder (``*.zarr``) is served zipped."""
+    return f"{name}.zip" if name.endswith(".zarr") else name
 
 
 def _local_volume(source: Any) -> Volume | None:
