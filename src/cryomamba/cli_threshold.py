@@ -56,7 +56,9 @@ def run_threshold(args: argparse.Namespace, ui: Any) -> int:
     stats_path = out.with_name(out.name.split(".")[0] + ".stats.json")
     write_stats_json(stats_path, stats)
     rows = {e["name"]: e["voxel_count"] for e in result.stats.get("labels", [])}
-    ui.out.print(json.dumps({"mask": str(out), "stats": str(stats_path), "voxels": rows}))
+    print(
+        json.dumps({"mask": str(out), "stats": str(stats_path), "voxels": rows})
+    )  # no rich: no wrapping, no markup
     return 0
 
 
