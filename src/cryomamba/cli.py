@@ -33,7 +33,7 @@ from rich.text import Text
 import cryomamba as cm
 
 from .artifacts import check_output_dir, existing_artifacts
-from .config import FORMATS, RESAMPLE_MODES
+from .config import FORMATS, RESAMPLE_MODES, tile_batch_arg
 
 __all__ = ["EXIT_CANCELED", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -140,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="mirroring test-time augmentation: 8 flips per tile, 8x slower (default: off)",
     )
     add("--folds", type=_folds, default=None, help="e.g. 0,1 (default: every fold)")
-    add("--tile-batch", type=int, default=1, metavar="N", help="tiles per network call")
+    add(
+        "--tile-batch",
+        type=tile_batch_arg,
+        default="auto",
+        metavar="N",
+        help="samples per network call, or auto (default: sized from free memory)",
+    )
     add(
         "--voxel-size",
         type=_voxel_size,
