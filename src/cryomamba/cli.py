@@ -34,6 +34,7 @@ import cryomamba as cm
 
 from .artifacts import check_output_dir, existing_artifacts
 from .config import FORMATS, RESAMPLE_MODES, tile_batch_arg
+from .threads import quiet_openmp
 
 __all__ = ["EXIT_CANCELED", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -570,6 +571,7 @@ def _report(ui: _UI, exc: BaseException, debug: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]) and return the exit code."""
+    quiet_openmp()  # before anything loads torch
     ui = _UI()
     try:
         args = build_parser().parse_args(argv)
