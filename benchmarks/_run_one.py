@@ -54,6 +54,10 @@ def warm_up(engine: str, predictor, model_dir: str, mrc: str) -> None:
 
 def main() -> None:
     engine, mrc, model_dir, step, threads = sys.argv[1:6]
+    # optional: TTA (0/1), our tile_batch ("auto" or N), folds ("0,1"), a .npy for the labels
+    tta = len(sys.argv) > 6 and sys.argv[6] == "1"
+    tile_batch = sys.argv[7] if len(sys.argv) > 7 else "auto"
+    folds = tuple(int(f) for f in sys.argv[8].split(",")) if len(sys.argv) > 8 else (0,)
     os.environ["nnUNet_def_n_proc"] = threads  # noqa: SIM112 (nnU-Net's name)
     import numpy as np
     import torch
@@ -66,8 +70,11 @@ def main() -> None:
         from cryomamba.engine import StreamingPredictor, TrainedModel
         from cryomamba.engine.output import release_pages, temporary_labels
 
-        model = TrainedModel.load(model_dir)
-        predictor = StreamingPredictor(model, tile_step=float(step))
+        model = TrainedModel.load(model_dir, folds=folds)
+        batch = tile_batch if tile_batch == "auto" else int(tile_batch)
+        predictor = StreamingPredictor(
+            model, tile_step=float(step), mirroring=tta, tile_batch=batch
+        )
         out = temporary_labels(vol.shape)  # what the local executor does
 
         def run():
@@ -81,7 +88,7 @@ def main() -> None:
     else:
         from cryomamba.testing.reference import nnunet_predictor
 
-        predictor = nnunet_predictor(model_dir, tile_step=float(step))
+        predictor = nnunet_predictor(model_dir, tile_step=float(step), mirroring=tta, folds=folds)
         image = np.array(vol.data)[None]  # nnU-Net needs the volume in memory: part of its baseline
         spacing = list(vol.voxel_size)
 
@@ -93,16 +100,20 @@ def main() -> None:
     warm_up(engine, predictor, model_dir, mrc)
     baseline = rss_kib("VmRSS")
     reset_peak()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     labels = run()
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start  # all threads: less sensitive to a busy machine
     peak = rss_kib("VmHWM")
+    if len(sys.argv) > 9:
+        np.save(sys.argv[9], np.asarray(labels, dtype=np.uint8))
     print(
         json.dumps(
             {
                 "engine": engine,
                 "shape": list(vol.shape),
                 "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
                 "baseline_mib": baseline / 1024,
                 "peak_mib": peak / 1024,
                 "above_baseline_mib": (peak - baseline) / 1024,

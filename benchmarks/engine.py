@@ -9,6 +9,14 @@ write a table of ratios into docs/benchmarks.md.
     python benchmarks/engine.py                       # default shapes, bundled demo model
     python benchmarks/engine.py --shapes 64x128x128 --no-write
     python benchmarks/engine.py --only resample       # the resampling rows only
+    python benchmarks/engine.py --only cases --repeat 2   # issue 10's cases, alternating
+
+The cases (`CASES`): the bundled model without and with TTA, a ResEnc-style model
+(anisotropic patch, transposed axes, 2 folds, TTA) and a network of nnU-Net's default size
+(6 stages, 32→320 features, 128³ patch); the last two have random weights
+(`cryomamba.testing.model_folder`), which is all a speed comparison needs. Each case runs
+nnU-Net and ours alternately `--repeat` times; the ratio is taken per pair, and labels are
+compared voxel for voxel.
 
 Resampling rows: the tomogram is synthesised at 10 Å × ratio (the same scene content in nm)
 and both engines resample it to the model's 10 Å and back. Our engine's overhead is its time
@@ -57,7 +65,7 @@ def make_volume(shape: tuple[int, int, int], folder: Path, voxel_size: float = 1
     return path
 
 
-def run_one(engine: str, mrc: Path, model: Path, step: float, threads: int) -> dict:
+def run_one(engine: str, mrc: Path, model: Path, step: float, threads: int, *extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(
         [
@@ -68,6 +76,7 @@ def run_one(engine: str, mrc: Path, model: Path, step: float, threads: int) -> d
             str(model),
             str(step),
             str(threads),
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -185,13 +194,26 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
     parser.add_argument(
-        "--only", choices=["engine", "resample"], default=None, help="run one table's rows"
+        "--only", choices=["engine", "resample", "cases"], default=None, help="run one table"
     )
+    parser.add_argument("--repeat", type=int, default=1, help="cases: runs per engine")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        help="cases: which (default all); NAME:ZxYxX for another volume shape",
+    )
+    parser.add_argument("--tile-batch", default="auto", help="cases: our tile_batch")
     args = parser.parse_args()
     from cryomamba.models import resolve_model
 
     model = Path(args.model) if args.model else resolve_model("demo-membrane").path
     args.cache.mkdir(parents=True, exist_ok=True)
+    if args.only == "cases":
+        from _cases import run_cases
+
+        run_cases(args, model, run_one, make_volume)
+        return
     if args.only != "engine":
 
         def write(rows: list[dict], final: bool = False) -> None:

@@ -28,6 +28,7 @@ def test_frozen():
         ({"device": "cuda:x"}, "device"),
         ({"tile_batch": 0}, "tile_batch"),
         ({"tile_batch": True}, "tile_batch"),
+        ({"tile_batch": "fast"}, "tile_batch"),
         ({"preview_scale": 9}, "preview_scale"),
         ({"preview_interval_s": -1}, "preview_interval_s"),
         ({"formats": ["mrc", "tiff"]}, "tiff"),
@@ -52,6 +53,22 @@ def test_unknown_keys_and_bad_json_are_clear_errors():
         JobConfig.from_json("{model: ")
     with pytest.raises(ConfigError, match="JSON object"):
         JobConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_tile_batch_is_auto_by_default_or_a_number():
+    assert JobConfig().tile_batch == "auto"
+    assert JobConfig.from_json(JobConfig(tile_batch=4).to_json()).tile_batch == 4
+    assert JobConfig.from_dict({"tile_batch": "auto"}).tile_batch == "auto"
+
+
+def test_tile_batch_on_the_command_line():
+    import argparse
+
+    from cryomamba.config import tile_batch_arg
+
+    assert tile_batch_arg("auto") == "auto" and tile_batch_arg("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="'auto' or a number"):
+        tile_batch_arg("many")
 
 
 def test_replace_validates_again():

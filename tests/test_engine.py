@@ -105,7 +105,8 @@ def test_progress_planes_and_bounded_buffer(tiny_model):
     assert len(planes) == len(grid.steps[0]) > 3
 
 
-def test_cancel_stops_between_batches_and_leaves_no_thread(tiny_model):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cancel_stops_between_batches_and_leaves_no_thread(tiny_model, prefetch):
     volume = np.random.default_rng(3).normal(size=(40, 40, 40)).astype(np.float32)
     model = TrainedModel.load(tiny_model)
     cancel = threading.Event()
@@ -117,8 +118,9 @@ def test_cancel_stops_between_batches_and_leaves_no_thread(tiny_model):
             cancel.set()
 
     before = threading.active_count()
+    predictor = StreamingPredictor(model, tile_batch=1, prefetch=prefetch)
     with pytest.raises(Canceled):
-        StreamingPredictor(model).predict(volume, on_progress=on_progress, cancel=cancel)
+        predictor.predict(volume, on_progress=on_progress, cancel=cancel)
     assert seen[-1] == 3
     assert threading.active_count() == before
 

@@ -33,7 +33,8 @@ from rich.text import Text
 import cryomamba as cm
 
 from .artifacts import check_output_dir, existing_artifacts
-from .config import DEFAULT_FORMATS, FORMATS, RESAMPLE_MODES
+from .config import DEFAULT_FORMATS, FORMATS, RESAMPLE_MODES, tile_batch_arg
+from .threads import quiet_openmp
 
 __all__ = ["EXIT_CANCELED", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -140,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="mirroring test-time augmentation: 8 flips per tile, 8x slower (default: off)",
     )
     add("--folds", type=_folds, default=None, help="e.g. 0,1 (default: every fold)")
-    add("--tile-batch", type=int, default=1, metavar="N", help="tiles per network call")
+    add(
+        "--tile-batch",
+        type=tile_batch_arg,
+        default="auto",
+        metavar="N",
+        help="samples per network call, or auto (default: sized from free memory)",
+    )
     add(
         "--voxel-size",
         type=_voxel_size,
@@ -587,6 +594,7 @@ def _report(ui: _UI, exc: BaseException, debug: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]) and return the exit code."""
+    quiet_openmp()  # before anything loads torch
     ui = _UI()
     try:
         args = build_parser().parse_args(argv)

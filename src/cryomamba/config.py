@@ -67,7 +67,7 @@ class JobConfig:
     mirroring: bool = False
     fp16: bool = True
     device: str = "auto"
-    tile_batch: int = 1
+    tile_batch: int | str = "auto"
     preview_interval_s: float = 1.0
     preview_scale: int = 4
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -121,16 +121,17 @@ class JobConfig:
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
                 hint="'auto' takes the first GPU when there is one, else the CPU",
             )
-        if (
+        if self.tile_batch != "auto" and (
             not isinstance(self.tile_batch, int)
             or isinstance(self.tile_batch, bool)
             or not TILE_BATCH_RANGE[0] <= self.tile_batch <= TILE_BATCH_RANGE[1]
         ):
             raise ConfigError(
-                "tile_batch must be an integer in {}..{}, got {!r}".format(
+                "tile_batch must be 'auto' or an integer in {}..{}, got {!r}".format(
                     *TILE_BATCH_RANGE, self.tile_batch
                 ),
-                hint="1 suits a CPU; a few tiles per call can help a large GPU",
+                hint="'auto' (the default) sizes it from free memory; an integer is the number "
+                "of samples per network call (1 is nnU-Net's one tile at a time)",
             )
         if not _is_number(self.preview_interval_s) or self.preview_interval_s < 0:
             raise ConfigError(
@@ -200,6 +201,18 @@ class JobConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"job config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+def tile_batch_arg(text: str) -> int | str:
+    """`--tile-batch` on the command line: 'auto' or a whole number (range checked by JobConfig)."""
+    import argparse
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
 
 
 def _voxel_size(value: object) -> tuple[float, float, float]:

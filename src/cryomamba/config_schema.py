@@ -74,7 +74,13 @@ def _rules(
         "mirroring": dict,
         "fp16": dict,
         "device": lambda: {"enum": ["auto", *devices]} if devices else {"pattern": DEVICE_PATTERN},
-        "tile_batch": lambda: {"minimum": TILE_BATCH_RANGE[0], "maximum": TILE_BATCH_RANGE[1]},
+        "tile_batch": lambda: {
+            "description": "samples per network call, or 'auto' to size it from free memory",
+            "oneOf": [
+                {"type": "integer", "minimum": TILE_BATCH_RANGE[0], "maximum": TILE_BATCH_RANGE[1]},
+                {"type": "string", "enum": ["auto"]},
+            ],
+        },
         "preview_interval_s": lambda: {
             "minimum": 0,
             "description": "seconds between previews; 0 turns them off",
@@ -98,6 +104,8 @@ def _type_schema(hint: Any) -> dict[str, Any]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         (inner,) = (a for a in args if a is not type(None))
         return {**_type_schema(inner), "nullable": True}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return {"oneOf": [_type_schema(a) for a in args]}
     if typing.get_origin(hint) is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return {"type": "array", "items": _type_schema(args[0])}

@@ -242,6 +242,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .threads import quiet_openmp
+
+    quiet_openmp()  # before the first job loads torch
     parser = argparse.ArgumentParser(prog="python -m cryomamba.serve", description=__doc__)
     add_server_arguments(parser)
     return serve(parser.parse_args(argv))

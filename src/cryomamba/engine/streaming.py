@@ -9,29 +9,30 @@ nnU-Net's own, so the labels equal `nnUNetPredictor`'s bit for bit when the inpu
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from ..errors import CryoMambaError, InvalidVolumeError
+from .batches import Prefetcher, RowBatch, auto_forward_batch, mirror_flips, row_batches, serial
 from .cancel import Canceled
 from .model import TrainedModel
 from .normalize import IntensityScan, make_normalizer, scan_intensities
 from .resample import LogitsToSource, ResampledInput, ResamplePlan
-from .tiling import TileGrid
+from .tiling import TileGrid, cut_model_tile, cut_tile
 
 __all__ = ["Canceled", "GpuOutOfMemory", "StreamingPredictor"]
 
 log = logging.getLogger(__name__)
 
 _FINALIZE_PLANES = 4  # output planes divided and arg-maxed at a time
-_T = TypeVar("_T")
 ProgressFn = Callable[[int, int], None]
 PlanesFn = Callable[[int, int], None]
 ReleaseFn = Callable[[int, int], None]
@@ -55,16 +56,27 @@ class StreamingPredictor:
         *,
         tile_step: float = 0.5,
         mirroring: bool = False,
-        tile_batch: int = 1,
+        tile_batch: int | Literal["auto"] = "auto",
         fp16: bool = True,
+        prefetch: bool | None = None,
     ) -> None:
+        """`tile_batch`: samples per network call (a tile, or one mirrored copy of it under
+        TTA); "auto" sizes it from free memory (`batches.auto_forward_batch`). `prefetch`:
+        cut the next batch on a background thread while the network runs (None: on a GPU)."""
         self.model = model
         self.tile_step = tile_step
         self.mirroring = mirroring and bool(model.mirror_axes)
-        self.tile_batch = tile_batch
         self.device = model.device
         self.autocast = fp16 and self.device.type == "cuda"
         self._on_logits: LogitsFn | None = None  # set by `predict` for one call
+        self.flips = mirror_flips(model.mirror_axes) if self.mirroring else []
+        if tile_batch == "auto":
+            self.forward_batch = auto_forward_batch(model.configuration, self.device.type)
+        else:
+            self.forward_batch = int(tile_batch)
+        # under TTA a tile is 1 + len(flips) samples, run in the same calls as far as they fit
+        self.tiles_per_batch = max(1, self.forward_batch // (1 + len(self.flips)))
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
 
     def plan(self, shape: tuple[int, int, int]) -> TileGrid:
         """The tile grid for an uncropped volume of `shape` (an upper bound on the work)."""
@@ -205,14 +217,15 @@ class StreamingPredictor:
         n_folds = len(self.model.networks)
 
         def tiles_in(z: int, batch: list[tuple[int, int]]) -> torch.Tensor:
-            x = np.stack([_tile(region, grid, z, y, xx, normalize) for y, xx in batch])
+            x = np.stack([cut_tile(region, grid, z, y, xx, normalize) for y, xx in batch])
             if release is not None and not zmap.transposed_z:
                 # drop the source pages these tiles mapped; the next tiles that need them
                 # fault them back in from the page cache, which costs microseconds
                 release(*zmap.source_span(z - bz, z + pz - bz, grid.shape[0]))
             xt = torch.from_numpy(x)
             if device.type == "cuda":
-                xt = xt.pin_memory().to(device, non_blocking=True)
+                with record_function("cryomamba::to_device"):
+                    xt = xt.pin_memory().to(device, non_blocking=True)
             return xt
 
         def finish(logits: torch.Tensor, weights: torch.Tensor, base: int, end: int) -> None:
@@ -259,7 +272,7 @@ class StreamingPredictor:
         def tiles_in(z: int, batch: list[tuple[int, int]]) -> torch.Tensor:
             planes = window.planes(z - bz, z - bz + pz)
             first = max(z - bz, 0)
-            return torch.stack([_model_tile(planes, first, grid, z, y, xx) for y, xx in batch])
+            return torch.stack([cut_model_tile(planes, first, grid, z, y, xx) for y, xx in batch])
 
         def finish(logits: torch.Tensor, weights: torch.Tensor, base: int, end: int) -> None:
             lo, hi = max(base, bz), min(end, bz + sz)
@@ -294,46 +307,80 @@ class StreamingPredictor:
         base = 0  # padded z of logits[:, :, 0]
         done = 0
         total = grid.n_tiles
-        tiles = grid.row_tiles()
-        for row, z in enumerate(grid.steps[0]):
-            for batch in _batched(tiles, self.tile_batch):
+        rows = len(grid.steps[0])
+
+        def prepare(batch: RowBatch) -> torch.Tensor:
+            with record_function("cryomamba::cut_normalize"):
+                return tiles_in(batch.z, batch.tiles)
+
+        batches = row_batches(grid, self.tiles_per_batch)
+        with self._producer(batches, prepare) as prepared:
+            for batch, xt in prepared:
                 if cancel is not None and cancel.is_set():
                     raise Canceled
-                xt = tiles_in(z, batch)
+                z = batch.z
                 for f, net in enumerate(self.model.networks):
-                    with _autocast(device, self.autocast):
-                        pred = self._predict(net, xt)
-                    for i, (y, xx) in enumerate(batch):
-                        p = pred[i].to(device)
-                        p *= gaussian
-                        logits[f, :, z - base : z - base + pz, y : y + py, xx : xx + px] += p
-                for y, xx in batch:
-                    weights[z - base : z - base + pz, y : y + py, xx : xx + px] += gaussian
-                done += len(batch)
+                    pred = self._predict(net, xt)
+                    with record_function("cryomamba::accumulate"):
+                        for i, (y, xx) in enumerate(batch.tiles):
+                            p = pred[i].to(device)
+                            p *= gaussian
+                            logits[f, :, z - base : z - base + pz, y : y + py, xx : xx + px] += p
+                with record_function("cryomamba::accumulate"):
+                    for y, xx in batch.tiles:
+                        weights[z - base : z - base + pz, y : y + py, xx : xx + px] += gaussian
+                done += len(batch.tiles)
                 if on_progress is not None:
                     on_progress(done, total)
-            end = grid.final_plane(row)
-            finish(logits, weights, base, end)
-            shift = end - base
-            if row + 1 < len(grid.steps[0]):
-                # roll plane by plane: no temporary copy of the whole buffer
-                for i in range(pz - shift):
-                    logits[:, :, i] = logits[:, :, i + shift]
-                    weights[i] = weights[i + shift]
-                logits[:, :, pz - shift :] = 0
-                weights[pz - shift :] = 0
-                base = end
+                if not batch.last:
+                    continue
+                end = grid.final_plane(batch.row)
+                with record_function("cryomamba::finalize"):
+                    finish(logits, weights, base, end)
+                shift = end - base
+                if batch.row + 1 < rows:
+                    with record_function("cryomamba::roll"):
+                        # roll plane by plane: no temporary copy of the whole buffer
+                        for i in range(pz - shift):
+                            logits[:, :, i] = logits[:, :, i + shift]
+                            weights[i] = weights[i + shift]
+                        logits[:, :, pz - shift :] = 0
+                        weights[pz - shift :] = 0
+                    base = end
+
+    def _producer(
+        self, batches: Iterator[RowBatch], prepare: Callable[[RowBatch], torch.Tensor]
+    ) -> contextlib.AbstractContextManager[Iterator[tuple[RowBatch, torch.Tensor]]]:
+        """Batches with their input tensors: cut on a background thread (one batch ahead) when
+        `prefetch` is on, else on this thread as they are needed."""
+        if self.prefetch:
+            return Prefetcher(batches, prepare, depth=1, wrap=torch.inference_mode)
+        return contextlib.nullcontext(serial(batches, prepare))
 
     def _predict(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's `_internal_maybe_mirror_and_predict`, op for op."""
-        prediction = net(x)
-        if self.mirroring:
-            axes = [m + 2 for m in self.model.mirror_axes]
-            combos = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
-            for flip in combos:
-                prediction += torch.flip(net(torch.flip(x, flip)), flip)
-            prediction /= len(combos) + 1
-        out: torch.Tensor = prediction
+        """nnU-Net's `_internal_maybe_mirror_and_predict`: the same flips, summed in the same
+        order, but every mirrored copy of the batch goes through the network in one call
+        (`forward_batch` samples at most)."""
+        if not self.flips:
+            return self._forward(net, x)
+        n = x.shape[0]
+        with record_function("cryomamba::cut_normalize"):
+            variants = torch.cat([x, *(torch.flip(x, flip) for flip in self.flips)])
+        outputs = self._forward(net, variants)
+        with record_function("cryomamba::accumulate"):
+            prediction = outputs[:n]
+            for i, flip in enumerate(self.flips, start=1):
+                prediction += torch.flip(outputs[i * n : (i + 1) * n], flip)
+            prediction /= len(self.flips) + 1
+        return prediction
+
+    def _forward(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The network on `x`, in calls of at most `forward_batch` samples."""
+        with record_function("cryomamba::network"), _autocast(self.device, self.autocast):
+            if x.shape[0] <= self.forward_batch:
+                out: torch.Tensor = net(x)
+            else:
+                out = torch.cat([net(part) for part in torch.split(x, self.forward_batch)])
         return out
 
     def _finalize(
@@ -396,50 +443,6 @@ class StreamingPredictor:
         return pred
 
 
-def _tile(
-    region: Any,
-    grid: TileGrid,
-    z: int,
-    y: int,
-    x: int,
-    normalize: Callable[[np.ndarray], np.ndarray],
-) -> np.ndarray:
-    """One normalized input tile (1, pz, py, px) at padded position (z, y, x).
-
-    Read straight from the (memory-mapped) source and normalized on the fly; the padding
-    around a volume smaller than the patch is 0 after normalization, as in nnU-Net. Tiles
-    overlap, so voxels are read several times — from the page cache, cheaply — in exchange
-    for holding no float copy of even one slab of the volume.
-    """
-    tile = np.zeros((1, *grid.patch), dtype=np.float32)
-    src, dst = [], []
-    for start, size, pad, n in zip((z, y, x), grid.patch, grid.pad_below, grid.shape):
-        a, b = max(start - pad, 0), min(start + size - pad, n)
-        src.append(slice(a, b))
-        dst.append(slice(a + pad - start, b + pad - start))
-    block = np.array(region[tuple(src)], dtype=np.float32)
-    index: tuple[int | slice, ...] = (0, *dst)
-    tile[index] = normalize(block)
-    return tile
-
-
-def _model_tile(
-    planes: torch.Tensor, first: int, grid: TileGrid, z: int, y: int, x: int
-) -> torch.Tensor:
-    """One tile (1, pz, py, px) at padded position (z, y, x), cut from model-space planes
-    `first`.. (already normalized, on the device); outside the region it is 0, as in nnU-Net."""
-    tile = torch.zeros((1, *grid.patch), dtype=torch.float32, device=planes.device)
-    src, dst = [], []
-    for start, size, pad, n in zip((z, y, x), grid.patch, grid.pad_below, grid.shape):
-        a, b = max(start - pad, 0), min(start + size - pad, n)
-        src.append((a, b))
-        dst.append(slice(a + pad - start, b + pad - start))
-    (za, zb), (ya, yb), (xa, xb) = src
-    index: tuple[int | slice, ...] = (0, *dst)
-    tile[index] = planes[za - first : zb - first, ya:yb, xa:xb]
-    return tile
-
-
 class _ZMap:
     """Maps z in the (cropped, transposed) working array back to source z planes."""
 
@@ -464,11 +467,6 @@ class _autocast:
 
     def __exit__(self, *exc: Any) -> bool:
         return bool(self._ctx.__exit__(*exc)) if self._ctx is not None else False
-
-
-def _batched(items: list[_T], n: int) -> Iterator[list[_T]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
 
 
 def eta(start: float, done: int, total: int) -> float | None:

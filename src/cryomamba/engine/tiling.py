@@ -7,12 +7,18 @@ follows `pad_nd_image` (content centred, the odd voxel of padding goes above).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..config import MIN_TILE_STEP
 
-__all__ = ["TileGrid", "tile_count"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TileGrid", "cut_model_tile", "cut_tile", "tile_count"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +87,49 @@ def tile_count(shape: Sequence[int], patch: Sequence[int], tile_step: float) -> 
 def _check_step(tile_step: float) -> None:
     if not MIN_TILE_STEP <= tile_step <= 1:
         raise ValueError(f"tile_step must be in [{MIN_TILE_STEP}, 1], got {tile_step!r}")
+
+
+def cut_tile(
+    region: Any,
+    grid: TileGrid,
+    z: int,
+    y: int,
+    x: int,
+    normalize: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """One normalized input tile (1, pz, py, px) at padded position (z, y, x).
+
+    Read straight from the (memory-mapped) source and normalized on the fly; the padding
+    around a volume smaller than the patch is 0 after normalization, as in nnU-Net. Tiles
+    overlap, so voxels are read several times — from the page cache, cheaply — in exchange
+    for holding no float copy of even one slab of the volume.
+    """
+    tile = np.zeros((1, *grid.patch), dtype=np.float32)
+    src, dst = [], []
+    for start, size, pad, n in zip((z, y, x), grid.patch, grid.pad_below, grid.shape):
+        a, b = max(start - pad, 0), min(start + size - pad, n)
+        src.append(slice(a, b))
+        dst.append(slice(a + pad - start, b + pad - start))
+    block = np.array(region[tuple(src)], dtype=np.float32)
+    index: tuple[int | slice, ...] = (0, *dst)
+    tile[index] = normalize(block)
+    return tile
+
+
+def cut_model_tile(
+    planes: torch.Tensor, first: int, grid: TileGrid, z: int, y: int, x: int
+) -> torch.Tensor:
+    """One tile (1, pz, py, px) at padded position (z, y, x), cut from model-space planes
+    `first`.. (already normalized, on the device); outside the region it is 0, as in nnU-Net."""
+    import torch
+
+    tile = torch.zeros((1, *grid.patch), dtype=torch.float32, device=planes.device)
+    src, dst = [], []
+    for start, size, pad, n in zip((z, y, x), grid.patch, grid.pad_below, grid.shape):
+        a, b = max(start - pad, 0), min(start + size - pad, n)
+        src.append((a, b))
+        dst.append(slice(a + pad - start, b + pad - start))
+    (za, zb), (ya, yb), (xa, xb) = src
+    index: tuple[int | slice, ...] = (0, *dst)
+    tile[index] = planes[za - first : zb - first, ya:yb, xa:xb]
+    return tile

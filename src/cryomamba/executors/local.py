@@ -131,7 +131,7 @@ class LocalExecutor:
             model,
             tile_step=config.tile_step,
             mirroring=config.mirroring,
-            tile_batch=config.tile_batch,
+            tile_batch="auto" if config.tile_batch == "auto" else int(config.tile_batch),
             fp16=config.fp16,
         )
         spacing = _decide_spacing(volume, model, config)

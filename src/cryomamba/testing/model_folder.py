@@ -14,6 +14,7 @@ from typing import Any
 __all__ = ["make_model_folder", "plans_for"]
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 
 
 def plans_for(
@@ -21,17 +22,29 @@ def plans_for(
     features: Sequence[int] = (8, 16, 32),
     spacing: Sequence[float] = (10.0, 10.0, 10.0),
     normalization: str = "ZScoreNormalization",
+    *,
+    strides: Sequence[Sequence[int]] | None = None,
+    kernel_sizes: Sequence[Sequence[int]] | None = None,
+    blocks_per_stage: Sequence[int] | None = None,
+    transpose: Sequence[int] = (0, 1, 2),
 ) -> dict[str, Any]:
-    """An nnU-Net v2 plans.json for a PlainConvUNet with one stage per entry of `features`."""
+    """An nnU-Net v2 plans.json with one stage per entry of `features`: a PlainConvUNet, or
+    with `blocks_per_stage` a ResidualEncoderUNet (the `nnUNetResEncUNet*Plans` network).
+    `strides`/`kernel_sizes` default to 2 and 3 on every axis; `transpose` is the plans'
+    `transpose_forward` (`patch_size` and `spacing` are given in that transposed order)."""
     n = len(features)
-    arch_kwargs = {
+    arch_kwargs: dict[str, Any] = {
         "n_stages": n,
         "features_per_stage": list(features),
         "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * n,
-        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
-        "n_conv_per_stage": [2] * n,
-        "n_conv_per_stage_decoder": [2] * (n - 1),
+        "kernel_sizes": [list(k) for k in kernel_sizes] if kernel_sizes else [[3, 3, 3]] * n,
+        "strides": [list(s) for s in strides] if strides else [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+        **(
+            {"n_blocks_per_stage": list(blocks_per_stage)}
+            if blocks_per_stage
+            else {"n_conv_per_stage": [2] * n}
+        ),
+        "n_conv_per_stage_decoder": [1 if blocks_per_stage else 2] * (n - 1),
         "conv_bias": True,
         "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
         "norm_op_kwargs": {"eps": 1e-05, "affine": True},
@@ -46,8 +59,8 @@ def plans_for(
         "original_median_spacing_after_transp": list(spacing),
         "original_median_shape_after_transp": [64, 128, 128],
         "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
+        "transpose_forward": list(transpose),
+        "transpose_backward": [list(transpose).index(i) for i in range(3)],
         "configurations": {
             "3d_fullres": {
                 "data_identifier": "nnUNetPlans_3d_fullres",
@@ -80,7 +93,7 @@ def plans_for(
                     "force_separate_z": None,
                 },
                 "architecture": {
-                    "network_class_name": PLAIN_UNET,
+                    "network_class_name": RESENC_UNET if blocks_per_stage else PLAIN_UNET,
                     "arch_kwargs": arch_kwargs,
                     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
                 },
@@ -115,14 +128,16 @@ def make_model_folder(
     normalization: str = "ZScoreNormalization",
     mirror_axes: Sequence[int] = (0, 1, 2),
     checkpoint: str = "checkpoint_final.pth",
+    **architecture: Any,
 ) -> Path:
-    """Write plans.json, dataset.json and fold_N/<checkpoint> with seeded random weights."""
+    """Write plans.json, dataset.json and fold_N/<checkpoint> with seeded random weights;
+    `architecture` goes to `plans_for` (strides, kernel_sizes, blocks_per_stage, transpose)."""
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    plans = plans_for(patch_size, features, spacing, normalization)
+    plans = plans_for(patch_size, features, spacing, normalization, **architecture)
     dataset = {
         "channel_names": {"0": "cryo-ET"},
         "labels": {name: i for i, name in enumerate(labels)},
