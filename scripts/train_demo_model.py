@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cryomamba.synth import synthesize
+from cryomamba.synth_random import randomized
 from cryomamba.testing.model_folder import plans_for
 
 MODEL_NAME = "demo-membrane"
@@ -40,6 +41,10 @@ TRAIN_SHAPE = (96, 128, 128)
 EVAL_SHAPE = (64, 128, 128)
 EVAL_SEEDS = (1000, 1001, 1002, 1003)
 VAL_SEEDS = (900, 901)  # monitoring only: disjoint from training (0..N-1) and evaluation seeds
+# Randomised volumes (cryomamba.synth_random): training takes seeds from 0 up (the pool, then
+# one new volume every --refresh-every iterations); evaluation uses RANDOM_EVAL_SEED and up.
+RANDOM_VAL_SEEDS = (90_000, 90_001, 90_003)
+RANDOM_EVAL_SEED = 100_000
 MIRROR_AXES = (0, 1, 2)  # flips keep the missing wedge (around z, in kz-kx) where it is
 
 
@@ -106,30 +111,11 @@ def make_volume(seed: int, snr: float, shape: tuple[int, int, int], **kw) -> tup
     return zscore(tomo.volume), (tomo.labels == 1).astype(np.uint8), tomo.volume
 
 
-def training_data(n: int, rng: np.random.Generator) -> tuple[list, list, dict, list]:
-    """Synthetic training volumes with varied SNR, wedge and content; foreground statistics."""
-    images, masks, raw_fg, meta = [], [], [], []
-    for i in range(n):
-        snr = float(math.exp(rng.uniform(math.log(0.4), math.log(2.5))))
-        wedge = float(rng.uniform(20.0, 40.0))
-        n_particles = int(rng.integers(20, 160))
-        n_vesicles = int(rng.integers(4, 14))
-        n_sheets = int(rng.integers(0, 3))
-        img, mask, raw = make_volume(
-            i,
-            snr,
-            TRAIN_SHAPE,
-            missing_wedge_deg=wedge,
-            n_particles=n_particles,
-            n_vesicles=n_vesicles,
-            n_sheets=n_sheets,
-        )
-        images.append(img)
-        masks.append(mask)
-        raw_fg.append(raw[mask.astype(bool)])
-        meta.append({"seed": i, "snr": round(snr, 3), "wedge": round(wedge, 1)})
-    fg = np.concatenate(raw_fg).astype(np.float64)
-    props = {
+def fg_properties(raws: list[np.ndarray], masks: list[np.ndarray]) -> dict:
+    """nnU-Net's foreground intensity statistics (informational for ZScoreNormalization)."""
+    fg = np.concatenate([r[m.astype(bool)] for r, m in zip(raws, masks, strict=True)])
+    fg = fg.astype(np.float64)
+    return {
         "mean": float(fg.mean()),
         "median": float(np.median(fg)),
         "std": float(fg.std()),
@@ -138,11 +124,54 @@ def training_data(n: int, rng: np.random.Generator) -> tuple[list, list, dict, l
         "percentile_00_5": float(np.percentile(fg, 0.5)),
         "percentile_99_5": float(np.percentile(fg, 99.5)),
     }
+
+
+def random_volume(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One domain-randomised training volume: (normalised, mask, raw, meta)."""
+    tomo = randomized(TRAIN_SHAPE, seed=seed)
+    f = tomo.factors
+    meta = {"kind": "random", "seed": seed, "noise": f.noise, "contrast": round(f.contrast, 2)}
+    return zscore(tomo.volume), (tomo.labels == 1).astype(np.uint8), tomo.volume, meta
+
+
+def classic_volume(i: int, rng: np.random.Generator) -> tuple:
+    """One volume of cryomamba.synth (the old generator) with varied SNR, wedge and content."""
+    snr = float(math.exp(rng.uniform(math.log(0.4), math.log(2.5))))
+    wedge = float(rng.uniform(20.0, 40.0))
+    img, mask, raw = make_volume(
+        i,
+        snr,
+        TRAIN_SHAPE,
+        missing_wedge_deg=wedge,
+        n_particles=int(rng.integers(20, 160)),
+        n_vesicles=int(rng.integers(4, 14)),
+        n_sheets=int(rng.integers(0, 3)),
+    )
+    return img, mask, raw, {"kind": "synth", "seed": i, "snr": round(snr, 3)}
+
+
+def training_data(
+    n: int, n_classic: int, rng: np.random.Generator
+) -> tuple[list, list, dict, list]:
+    """The starting pool: n randomised volumes (seeds 0..n-1) and n_classic old-style ones."""
+    images, masks, raws, meta = [], [], [], []
+    for i in range(n + n_classic):
+        img, mask, raw, m = random_volume(i) if i < n else classic_volume(i - n, rng)
+        images.append(img)
+        masks.append(mask)
+        raws.append(raw)
+        meta.append(m)
+    props = fg_properties(raws, masks)
     return images, masks, props, meta
 
 
 def sample_batch(
-    images: list, masks: list, batch_size: int, rng: np.random.Generator, fg_fraction: float
+    images: list,
+    masks: list,
+    batch_size: int,
+    rng: np.random.Generator,
+    fg_fraction: float,
+    patch_size: int = PATCH[0],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random patches (a fraction centred on a membrane voxel) with random flips."""
     xs, ys = [], []
@@ -150,10 +179,10 @@ def sample_batch(
         k = int(rng.integers(len(images)))
         img, mask = images[k], masks[k]
         shape = np.array(img.shape)
-        patch = np.array(PATCH)
+        patch = np.array([patch_size] * 3)
         # nnU-Net style: the last patches of each batch are forced to hold foreground.
-        if b >= round(batch_size * (1 - fg_fraction)):
-            fg = np.flatnonzero(mask[::4, ::4, ::4])
+        fg = np.flatnonzero(mask[::4, ::4, ::4])
+        if b >= round(batch_size * (1 - fg_fraction)) and fg.size:
             z, y, x = np.unravel_index(fg[int(rng.integers(len(fg)))], mask[::4, ::4, ::4].shape)
             center = np.array([z, y, x]) * 4
             lo = np.clip(center - patch // 2 + rng.integers(-8, 9, size=3), 0, shape - patch)
@@ -191,12 +220,16 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2 * (pred & ref).sum() / denom)
 
 
-def val_patches(seeds: tuple[int, ...]) -> tuple[torch.Tensor, np.ndarray]:
+def val_patches(seeds: tuple[int, ...], random: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """Fixed 64³ validation patches (centre crops) from volumes never trained on."""
     xs, ys = [], []
     for s in seeds:
-        img, mask, _ = make_volume(s, 1.0, EVAL_SHAPE)
-        for x0 in (0, 64):
+        if random:
+            tomo = randomized(EVAL_SHAPE, seed=s)
+            img, mask = zscore(tomo.volume), (tomo.labels == 1).astype(np.uint8)
+        else:
+            img, mask, _ = make_volume(s, 1.0, EVAL_SHAPE)
+        for x0 in (0, 64)[: 1 if random else 2]:
             sl = (slice(0, 64), slice(32, 96), slice(x0, x0 + 64))
             xs.append(img[sl])
             ys.append(mask[sl])
@@ -210,13 +243,20 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     rng = np.random.default_rng(args.seed)
     torch.use_deterministic_algorithms(True)
 
-    print(f"generating {args.n_train} training volumes {TRAIN_SHAPE} ...", flush=True)
-    images, masks, fg_props, meta = training_data(args.n_train, rng)
+    n_classic = round(args.n_train * args.classic_fraction)
+    print(f"generating {args.n_train} + {n_classic} training volumes {TRAIN_SHAPE} ...", flush=True)
+    images, masks, fg_props, meta = training_data(args.n_train, n_classic, rng)
     vx, vy = val_patches(VAL_SEEDS)
+    rvx, rvy = val_patches(RANDOM_VAL_SEEDS, random=True)
+    next_seed = args.n_train
     t_data = time.perf_counter() - t0
     print(f"  done in {t_data:.1f} s; membrane fraction {np.mean([m.mean() for m in masks]):.3f}")
 
     net = build_network(deep_supervision=False)
+    if args.init is not None:  # fine-tune: start from another model folder's weights
+        ckpt = torch.load(args.init / "fold_0" / "checkpoint_final.pth", weights_only=False)
+        net.load_state_dict(ckpt["network_weights"])
+        print(f"initialised from {args.init}")
     n_params = sum(p.numel() for p in net.parameters())
     print(f"PlainConvUNet {FEATURES}, patch {PATCH}: {n_params} parameters")
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -224,8 +264,16 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     t1, c1 = time.perf_counter(), time.process_time()
     running = None
     for it in range(1, args.iterations + 1):
+        if args.refresh_every and it % args.refresh_every == 0:
+            # a fresh randomised volume replaces the oldest randomised one in the pool
+            slot = (next_seed - args.n_train) % args.n_train
+            images[slot], masks[slot], _, m = random_volume(next_seed)
+            meta.append(m)
+            next_seed += 1
         net.train()
-        x, y = sample_batch(images, masks, args.batch_size, rng, fg_fraction=0.33)
+        x, y = sample_batch(
+            images, masks, args.batch_size, rng, fg_fraction=0.33, patch_size=args.train_patch
+        )
         loss = dice_ce_loss(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,10 +285,12 @@ def train(args: argparse.Namespace, out: Path) -> dict:
             net.eval()
             with torch.no_grad():
                 pred = net(vx).argmax(1).numpy()
+                rpred = net(rvx).argmax(1).numpy()
             el = time.perf_counter() - t1
             print(
                 f"iter {it:5d}/{args.iterations}  loss {running:.4f}  "
-                f"val dice (patches, snr 1) {dice(pred, vy):.4f}  "
+                f"val dice (patches, synth snr 1) {dice(pred, vy):.4f} "
+                f"(randomised) {dice(rpred, rvy):.4f}  "
                 f"lr {sched.get_last_lr()[0]:.2e}  {el:.0f} s ({el / it:.2f} s/iter)",
                 flush=True,
             )
@@ -276,6 +326,10 @@ def train(args: argparse.Namespace, out: Path) -> dict:
             "batch_size": args.batch_size,
             "lr": args.lr,
             "n_train": args.n_train,
+            "init": None if args.init is None else str(args.init),
+            "train_patch": args.train_patch,
+            "classic_fraction": args.classic_fraction,
+            "refresh_every": args.refresh_every,
             "threads": args.threads,
             "train_wall_s": round(t_train, 1),
             "train_cpu_s": round(cpu_train, 1),
@@ -417,16 +471,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--n-train", type=int, default=32, help="training volumes (synth seeds 0..N-1)")
+    p.add_argument(
+        "--n-train", type=int, default=48, help="randomised volumes in the pool (seeds 0..N-1)"
+    )
+    p.add_argument(
+        "--classic-fraction",
+        type=float,
+        default=0.25,
+        help="old-generator (cryomamba.synth) volumes added, as a fraction of --n-train",
+    )
+    p.add_argument(
+        "--refresh-every",
+        type=int,
+        default=4,
+        help="replace one randomised pool volume with a new seed every N iterations (0: never)",
+    )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--init", type=Path, default=None, help="model folder whose weights to start from"
+    )
+    p.add_argument(
+        "--train-patch",
+        type=int,
+        default=PATCH[0],
+        help="training patch edge (the plans keep 64; a smaller one trains faster)",
+    )
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument(
         "--eval-snr", type=float, nargs="*", default=[1.0, 0.5, 0.25, 2.0], help="held-out SNRs"
     )
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing model folder")
     args = p.parse_args(argv)
-    if args.n_train > min(VAL_SEEDS):
-        p.error(f"--n-train must be <= {min(VAL_SEEDS)} (seeds above are held out)")
+    n_classic = round(args.n_train * args.classic_fraction)
+    n_random = args.n_train + (args.iterations // args.refresh_every if args.refresh_every else 0)
+    if n_classic > min(VAL_SEEDS) or n_random > min(RANDOM_VAL_SEEDS):
+        p.error("too many training volumes: they would reach the held-out seeds")
     torch.set_num_threads(args.threads)
     # Read when nnunetv2 is imported (lazily, below).
     os.environ["nnUNet_def_n_proc"] = str(args.threads)  # noqa: SIM112
