@@ -96,7 +96,10 @@ def cryomamba_register_models(registry: Registry[ModelSpec]) -> None:
         ModelSpec(
             "demo-membrane",
             BUNDLED_MODELS_DIR / "demo-membrane",
-            "small demo model: membranes in cryo-ET at 10 Å/voxel, trained on synthetic tomograms",
+            "demo: membranes at 10 Å/voxel, trained only on synthetic, domain-randomised "
+            "tomograms (bilayer/band membranes, CTF/low-pass/white noise, missing wedge); "
+            "a first look, not for analysis: misses faint or thick membranes, never saw real "
+            "data (docs/demo-model.md)",
         ),
     )
     extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
