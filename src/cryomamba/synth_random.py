@@ -164,7 +164,7 @@ class _Scene:
         self.membranes: list[tuple[str, Any, float]] = []  # (kind, geometry, amplitude)
         self.blobs: list[tuple[np.ndarray, float, float]] = []  # (centre, radius, amplitude)
         self.rods: list[tuple[np.ndarray, np.ndarray, float, float, float]] = []
-        self.edge: tuple[np.ndarray, float, float, float] | None = None
+        self.edge: tuple[np.ndarray, np.ndarray, float, float] | None = None
         self._draw(rng)
 
     def _sheet(self, rng: np.random.Generator, normal: np.ndarray | None = None) -> _Sheet:
@@ -260,7 +260,7 @@ class _Scene:
         q = [sum(rotation[i, k] * rel[i] for i in range(3)) for k in range(3)]
         fq = np.maximum(np.sqrt(sum((q[k] / semi[k]) ** 2 for k in range(3))), 1e-6)
         grad = np.sqrt(sum((q[k] / semi[k] ** 2) ** 2 for k in range(3))) / fq
-        return ((fq - 1.0) / np.maximum(grad, 1e-6)).astype(np.float32)
+        return np.asarray((fq - 1.0) / np.maximum(grad, 1e-6), dtype=np.float32)
 
     def _membrane_boxes(self, shape: tuple[int, int, int], vox_nm: float):  # type: ignore[no-untyped-def]
         """Yield (box, signed distance, amplitude) for each membrane on a grid."""
@@ -321,20 +321,24 @@ def randomized(
     shape: tuple[int, int, int] = (64, 128, 128), *, seed: int = 0, **factors: Any
 ) -> RandomTomogram:
     """A domain-randomised tomogram at 10 Å; keywords fix any of the `Factors` fields."""
-    out_shape = tuple(int(s) for s in shape)
-    if len(out_shape) != 3 or min(out_shape) < 8:
+    if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be three sizes of at least 8 voxels, got {shape}")
+    out_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     f_ss, content_ss, noise_ss = np.random.SeedSequence(seed).spawn(3)
     f = draw_factors(np.random.default_rng(f_ss), **factors)
     extent_nm = np.array(out_shape, dtype=float) * VOXEL_A / 10.0
-    src_shape = tuple(max(8, round(n * VOXEL_A / f.voxel_size)) for n in out_shape)
+    src_shape = (
+        max(8, round(out_shape[0] * VOXEL_A / f.voxel_size)),
+        max(8, round(out_shape[1] * VOXEL_A / f.voxel_size)),
+        max(8, round(out_shape[2] * VOXEL_A / f.voxel_size)),
+    )
     src_vox_a = float(np.mean(extent_nm * 10.0 / np.array(src_shape)))
     scene = _Scene(f, extent_nm, np.random.default_rng(content_ss))
 
-    h = transfer(f, src_shape, src_vox_a)  # type: ignore[arg-type]
-    labels = scene.labels(out_shape, VOXEL_A / 10.0)  # type: ignore[arg-type]
+    h = transfer(f, src_shape, src_vox_a)
+    labels = scene.labels(out_shape, VOXEL_A / 10.0)
     vox_nm = src_vox_a / 10.0
-    membranes = spectra.filter_volume(scene.membranes_density(src_shape, vox_nm), h, out_shape)  # type: ignore[arg-type]
+    membranes = spectra.filter_volume(scene.membranes_density(src_shape, vox_nm), h, out_shape)
     # contrast = RMS of the membranes over their label band after the optics, in noise sigmas
     # (RMS, not mean darkness: an uncorrected CTF removes a band's mean but not its edges)
     band = membranes[labels == 1].astype(np.float64)
@@ -342,9 +346,9 @@ def randomized(
     membranes *= np.float32(f.contrast / max(darkness, 1e-3))
     signal = membranes + spectra.filter_volume(
         scene.distractors_density(src_shape, vox_nm), h, out_shape
-    )  # type: ignore[arg-type]
+    )
     noise_src = np.random.default_rng(noise_ss).standard_normal(src_shape, dtype=np.float32)
-    noise = spectra.filter_volume(noise_src, h, out_shape)  # type: ignore[arg-type]
+    noise = spectra.filter_volume(noise_src, h, out_shape)
     noise *= np.float32(1.0 / max(float(noise.std(dtype=np.float64)), 1e-12))
     volume = signal + noise
     if f.gradient > 0:  # a ramp (uneven ice thickness) after the optics, like a real one

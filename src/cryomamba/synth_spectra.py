@@ -37,7 +37,7 @@ def frequencies(shape: tuple[int, int, int], voxel_a: float) -> tuple[np.ndarray
 
 def _k2(shape: tuple[int, int, int], voxel_a: float) -> np.ndarray:
     kz, ky, kx = frequencies(shape, voxel_a)
-    return (kz**2 + ky**2 + kx**2).astype(np.float64)
+    return np.asarray(kz**2 + ky**2 + kx**2, dtype=np.float64)
 
 
 def lowpass(shape: tuple[int, int, int], voxel_a: float, resolution_a: float) -> np.ndarray:
@@ -78,7 +78,7 @@ def wedge(shape: tuple[int, int, int], tilt_range_deg: float) -> np.ndarray:
     """
     kz, _, kx = frequencies(shape, 1.0)
     missing = kx < math.tan(math.radians(90.0 - tilt_range_deg)) * np.abs(kz)
-    return (~missing).astype(np.float32)
+    return np.asarray(~missing, dtype=np.float32)
 
 
 def _resize_spectrum(spec: np.ndarray, src: tuple[int, ...], dst: tuple[int, ...]) -> np.ndarray:
@@ -113,4 +113,4 @@ def filter_volume(
         spec *= transfer
     if dst != src:
         spec = _resize_spectrum(spec, src, dst) * (math.prod(dst) / math.prod(src))
-    return scipy.fft.irfftn(spec, s=dst, workers=1).astype(np.float32, copy=False)
+    return np.asarray(scipy.fft.irfftn(spec, s=dst, workers=1), dtype=np.float32)
