@@ -120,23 +120,30 @@ def render_pyseg(labels: np.ndarray, seed: int, **factors: Any) -> np.ndarray:
     return signal + noise / np.float32(noise.std())
 
 
-def evaluate(model: str, n: int, overview: Path | None) -> dict[str, Any]:
+PARTS = ("synth", "random", "noise", "pyseg", "tardis")
+
+
+def evaluate(
+    model: str, n: int, overview: Path | None, parts: set[str], conditions: list[str]
+) -> dict[str, Any]:
     out: dict[str, Any] = {"model": model, "synth": {}, "random": {}, "noise": {}, "pyseg": {}}
-    for snr in (0.5, 1.0, 2.0):
+    for snr in (0.5, 1.0, 2.0) if "synth" in parts else ():
         scores = []
         for i in range(n):
             tomo = synthesize(SHAPE, seed=1000 + i, snr=snr)
             scores.append(dice(run(model, tomo.volume), tomo.labels == MEMBRANE))
         out["synth"][f"SNR {snr:g}"] = scores
         print(f"synth SNR {snr:g}: {np.round(scores, 3)}", flush=True)
-    for name, fixed in CONDITIONS.items():
+    for name, fixed in CONDITIONS.items() if "random" in parts else ():
+        if conditions and name not in conditions:
+            continue
         scores = []
         for i in range(n):
             tomo = randomized(SHAPE, seed=100_000 + i, **fixed)
             scores.append(dice(run(model, tomo.volume), tomo.labels == MEMBRANE))
         out["random"][name] = scores
         print(f"random {name}: {np.round(scores, 3)}", flush=True)
-    for name, spec in NOISE.items():
+    for name, spec in NOISE.items() if "noise" in parts else ():
         tomo = randomized(SHAPE, seed=200_000, **NO_CONTENT, **spec)
         out["noise"][name] = float(run(model, tomo.volume).mean())
         print(f"noise {name}: {out['noise'][name]:.4%}", flush=True)
@@ -144,10 +151,12 @@ def evaluate(model: str, n: int, overview: Path | None) -> dict[str, Any]:
 
     with mrcfile.open(REAL / PYSEG, permissive=True) as m:
         labels = np.asarray(m.data, dtype=np.int8)
-    for k, (name, factors) in enumerate(RENDERINGS.items()):
+    for k, (name, factors) in enumerate(RENDERINGS.items() if "pyseg" in parts else ()):
         volume = render_pyseg(labels, 300_000 + k, **factors)
         out["pyseg"][name] = dice(run(model, volume), labels == MEMBRANE)
         print(f"pyseg {name}: {out['pyseg'][name]:.3f}", flush=True)
+    if "tardis" not in parts:
+        return out
     vol = cm.Volume.open(REAL / TARDIS)
     result = cm.segment(vol, model=model, preview_interval_s=0)
     tardis = np.asarray(result.labels) == MEMBRANE
@@ -172,7 +181,9 @@ def table(old: dict[str, Any], new: dict[str, Any]) -> str:
     mean = lambda v: float(np.mean(v))  # noqa: E731
     lines = ["| held-out synthetic | old Dice | new Dice |", "| --- | ---: | ---: |"]
     for part, label in (("synth", "cryomamba.synth"), ("random", "randomised")):
-        for name in new[part]:
+        for name in (
+            k for k in {**CONDITIONS, "SNR 0.5": 0, "SNR 1": 0, "SNR 2": 0} if k in new[part]
+        ):
             lines.append(
                 f"| {label}: {name} | {mean(old[part][name]):.3f} | {mean(new[part][name]):.3f} |"
             )
@@ -196,14 +207,29 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2, help="volumes per synthetic condition")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--overview", type=Path, help="folder for the real-crop overview PNG")
-    parser.add_argument("--table", type=Path, nargs=2, metavar=("OLD", "NEW"))
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset")
+    parser.add_argument("--conditions", nargs="*", default=[], help="randomised subset")
+    parser.add_argument(
+        "--table",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        help="print old vs new from JSON files (several per side: comma-separated, merged)",
+    )
     args = parser.parse_args()
     if args.table:
-        old, new = (json.loads(p.read_text()) for p in args.table)
-        print(table(old, new))
+        sides = []
+        for files in args.table:
+            merged: dict[str, Any] = {}
+            for p in files.split(","):
+                for key, value in json.loads(Path(p).read_text()).items():
+                    merged[key] = (
+                        {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+                    )
+            sides.append(merged)
+        print(table(sides[0], sides[1]))
         return
     start = time.time()
-    out = evaluate(args.model, args.n, args.overview)
+    out = evaluate(args.model, args.n, args.overview, set(args.parts.split(",")), args.conditions)
     out["seconds"] = round(time.time() - start)
     print(f"{out['seconds']} s")
     if args.json:

@@ -286,6 +286,9 @@ def train(args: argparse.Namespace, out: Path) -> dict:
         opt.step()
         sched.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if args.save_every and it % args.save_every == 0 and it < args.iterations:
+            # a snapshot: the folder as it would be if the run stopped here
+            save_folder(out, net, args, fg_props, meta, it, t1, c1)
         if it % args.log_every == 0 or it == args.iterations:
             net.eval()
             with torch.no_grad():
@@ -299,9 +302,28 @@ def train(args: argparse.Namespace, out: Path) -> dict:
                 f"lr {sched.get_last_lr()[0]:.2e}  {el:.0f} s ({el / it:.2f} s/iter)",
                 flush=True,
             )
+    save_folder(out, net, args, fg_props, meta, it, t1, c1)
     t_train = time.perf_counter() - t1
-    cpu_train = time.process_time() - c1
+    return {
+        "params": n_params,
+        "data_s": round(t_data, 1),
+        "train_s": round(t_train, 1),
+        "s_per_iter": round(t_train / args.iterations, 3),
+        "train_cpu_s": round(time.process_time() - c1, 1),
+    }
 
+
+def save_folder(
+    out: Path,
+    net: torch.nn.Module,
+    args: argparse.Namespace,
+    fg_props: dict,
+    meta: list,
+    iteration: int,
+    t1: float,
+    c1: float,
+) -> None:
+    """Write the nnU-Net model folder with the weights after `iteration` iterations."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "fold_0").mkdir(exist_ok=True)
     dataset_json = make_dataset_json(args.n_train)
@@ -322,12 +344,13 @@ def train(args: argparse.Namespace, out: Path) -> dict:
             "device": "cpu",
         },
         "inference_allowed_mirroring_axes": list(MIRROR_AXES),
-        "current_epoch": args.iterations,
+        "current_epoch": iteration,
         "cryomamba_training": {
             "script": "scripts/train_demo_model.py",
             "argv": sys.argv[1:],
             "seed": args.seed,
             "iterations": args.iterations,
+            "iterations_done": iteration,
             "batch_size": args.batch_size,
             "lr": args.lr,
             "n_train": args.n_train,
@@ -336,21 +359,16 @@ def train(args: argparse.Namespace, out: Path) -> dict:
             "classic_fraction": args.classic_fraction,
             "refresh_every": args.refresh_every,
             "threads": args.threads,
-            "train_wall_s": round(t_train, 1),
-            "train_cpu_s": round(cpu_train, 1),
+            "train_wall_s": round(time.perf_counter() - t1, 1),
+            "train_cpu_s": round(time.process_time() - c1, 1),
             "train_volumes": meta,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
     }
-    torch.save(checkpoint, out / "fold_0" / "checkpoint_final.pth")
-    return {
-        "params": n_params,
-        "data_s": round(t_data, 1),
-        "train_s": round(t_train, 1),
-        "s_per_iter": round(t_train / args.iterations, 3),
-        "train_cpu_s": round(cpu_train, 1),
-    }
+    tmp = out / "fold_0" / "checkpoint_final.pth.tmp"
+    torch.save(checkpoint, tmp)
+    tmp.replace(out / "fold_0" / "checkpoint_final.pth")
 
 
 def evaluate(out: Path, snrs: list[float]) -> dict[float, dict]:
@@ -524,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         help="training patch edge (the plans keep 64; a smaller one trains faster)",
     )
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument(
+        "--save-every", type=int, default=0, help="also write the folder every N iterations"
+    )
     p.add_argument(
         "--eval-snr", type=float, nargs="*", default=[1.0, 0.5, 0.25, 2.0], help="held-out SNRs"
     )
