@@ -37,7 +37,16 @@ from cryomamba.synth_spectra import filter_volume
 
 MEMBRANE = 1
 SHAPE = (64, 128, 128)
-REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-mrc"
+_ROOT = Path(__file__).resolve().parents[1]
+# ../shared beside the checkout (or beside the folder of worktrees that holds it)
+REAL = (
+    next(
+        (p for p in (_ROOT.parent / "shared", _ROOT.parents[1] / "shared") if p.is_dir()),
+        _ROOT.parent / "shared",
+    )
+    / "data"
+    / "real-mrc"
+)
 PYSEG = "pyseg_tomo22_membrane_labels_int8.mrc"
 TARDIS = "tardis_mrc3D_mode0.mrc"
 NO_CONTENT = dict(

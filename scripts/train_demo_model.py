@@ -426,6 +426,15 @@ def write_readme(out: Path, results: dict) -> None:
         if init
         else "Trained from scratch. "
     )
+    done = rec.get("iterations_done", rec["iterations"])
+    stopped = (
+        f"**The run was stopped after {done} of its {rec['iterations']} iterations** (a "
+        "deadline, on a machine shared with other jobs); these weights are the snapshot "
+        f"`--save-every` wrote at iteration {done}, so the same command gives them again at "
+        f"that iteration. "
+        if done < rec["iterations"]
+        else ""
+    )
     rows = "\n".join(
         f"| {snr:g} | {np.mean(r['dice']):.4f} | {', '.join(f'{x:.4f}' for x in r['dice'])} |"
         for snr, r in results.items()
@@ -491,8 +500,8 @@ iterations a new randomised volume replaces the oldest one ({n_random} randomise
 in all, seeds 0..{n_random - 1}); random {rec.get("train_patch", PATCH[0])}³ patches (the
 network is fully convolutional; inference uses {PATCH[0]}³), batch {rec["batch_size"]}, one
 patch in three centred on membrane, random flips on every axis (they keep the wedge where
-it is); loss cross-entropy + batch soft Dice; AdamW lr {rec["lr"]:g}, poly decay,
-{rec["iterations"]} iterations. Training took {rec["train_wall_s"]:.0f} s wall
+it is); loss cross-entropy + batch soft Dice; AdamW lr {rec["lr"]:g}, poly decay over
+{rec["iterations"]} iterations. {stopped}Training took {rec["train_wall_s"]:.0f} s wall
 ({rec["train_cpu_s"]:.0f} s CPU over all threads) on a 2-core machine shared with other
 jobs (load 5–10). No optimizer state is saved.
 {held_out}
