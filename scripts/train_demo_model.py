@@ -503,7 +503,7 @@ patch in three centred on membrane, random flips on every axis (they keep the we
 it is); loss cross-entropy + batch soft Dice; AdamW lr {rec["lr"]:g}, poly decay over
 {rec["iterations"]} iterations. {stopped}Training took {rec["train_wall_s"]:.0f} s wall
 ({rec["train_cpu_s"]:.0f} s CPU over all threads) on a 2-core machine shared with other
-jobs (load 5–10). No optimizer state is saved.
+jobs (load average 5–22 during the run). No optimizer state is saved.
 {held_out}
 ## A bigger one, on a GPU
 

@@ -96,10 +96,9 @@ def cryomamba_register_models(registry: Registry[ModelSpec]) -> None:
         ModelSpec(
             "demo-membrane",
             BUNDLED_MODELS_DIR / "demo-membrane",
-            "demo: membranes at 10 Å/voxel, trained only on synthetic, domain-randomised "
-            "tomograms (bilayer/band membranes, CTF/low-pass/white noise, missing wedge); "
-            "a first look, not for analysis: misses faint or thick membranes, never saw real "
-            "data (docs/demo-model.md)",
+            "demo: membranes at 10 Å/voxel, trained only on synthetic tomograms "
+            "(cryomamba.synth); a first look, not for analysis: it calls ~10 % of pure noise "
+            "membrane and misses band-like membranes (docs/demo-model.md)",
         ),
     )
     extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
