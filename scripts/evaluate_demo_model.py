@@ -1,23 +1,103 @@
-"""Dice of the bundled demo model on held-out synthetic tomograms, through CryoMamba's own engine.
+"""Evaluate demo-membrane models on data they were not tuned on, old and new side by side.
 
-    python scripts/evaluate_demo_model.py                  # 4 volumes per SNR, seeds 1000+
-    python scripts/evaluate_demo_model.py --snr 1.0 --n 2 --shape 64,128,128
+    python scripts/evaluate_demo_model.py --model demo-membrane --json /tmp/new.json
+    python scripts/evaluate_demo_model.py --model /tmp/demo-membrane-old --json /tmp/old.json
+    python scripts/evaluate_demo_model.py --table /tmp/old.json /tmp/new.json   # Markdown
 
-Held-out means seeds the training script never uses (training takes seeds below 1000).
-Prints a Markdown table; the numbers in docs/demo-model.md come from this script.
+Four parts, all through CryoMamba's engine (`cm.segment`, tile step 0.5, no TTA):
+
+1. held-out synthetic volumes (64×128×128): the old generator (`cryomamba.synth`, seeds 1000+)
+   at three SNRs, and `cryomamba.synth_random` (seeds 100000+, never trained on) with one
+   factor fixed at an extreme and the others drawn: membrane Dice;
+2. pure noise of each spectrum (no content at all): the fraction of voxels called membrane;
+3. real membrane geometry: label 1 of ../shared/data/real-mrc/pyseg_tomo22_membrane_labels
+   (a segmented vesicle, 50×166×166; its header says 1 Å, a placeholder: the band is ~5
+   voxels thick, as a membrane is at ~10 Å/voxel, so it is rendered at 10 Å) rendered as
+   bilayer or band with several spectra and contrasts: membrane Dice;
+4. ../shared/data/real-mrc/tardis_mrc3D_mode0.mrc (a real tomogram crop, 23.2 Å, no
+   labels): the fraction called membrane, and an overview PNG (`--overview DIR`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 import cryomamba as cm
 from cryomamba.synth import synthesize
+from cryomamba.synth_random import Factors, profile, randomized, transfer
+from cryomamba.synth_spectra import filter_volume
 
 MEMBRANE = 1
+SHAPE = (64, 128, 128)
+_ROOT = Path(__file__).resolve().parents[1]
+# ../shared beside the checkout (or beside the folder of worktrees that holds it)
+REAL = (
+    next(
+        (p for p in (_ROOT.parent / "shared", _ROOT.parents[1] / "shared") if p.is_dir()),
+        _ROOT.parent / "shared",
+    )
+    / "data"
+    / "real-mrc"
+)
+PYSEG = "pyseg_tomo22_membrane_labels_int8.mrc"
+TARDIS = "tardis_mrc3D_mode0.mrc"
+NO_CONTENT = dict(
+    n_vesicles=0, n_sheets=0, n_stacks=0, n_particles=0, n_filaments=0, n_tubes=0, n_gold=0,
+    carbon_edge=False, gradient=0.0,
+)  # fmt: skip
+
+# Held-out randomised conditions: one factor at an extreme, the rest drawn per seed.
+CONDITIONS: dict[str, dict[str, Any]] = {
+    "bilayer": {"profile": "bilayer"},
+    "band": {"profile": "band"},
+    "thickness 3 nm": {"thickness_nm": 3.0},
+    "thickness 8 nm": {"thickness_nm": 8.0},
+    "contrast 0.5σ": {"contrast": 0.5},
+    "contrast 3σ": {"contrast": 3.0},
+    "voxel 7 Å": {"voxel_size": 7.0},
+    "voxel 14 Å": {"voxel_size": 14.0},
+    "white noise": {"noise": "white"},
+    "low-pass 60 Å": {"noise": "lowpass", "lowpass_res_a": 60.0},
+    "CTF 1.5 µm": {"noise": "ctf", "defocus_um": 1.5},
+    "CTF 6 µm, not flipped": {"noise": "ctf", "defocus_um": 6.0, "phase_flipped": False},
+    "tilt ±40°": {"tilt_range_deg": 40.0},
+    "no wedge": {"tilt_range_deg": None},
+    "small vesicles (8–15 nm)": {"vesicle_radius_nm": (8.0, 15.0), "n_vesicles": 8},
+    "stack, touching": {"n_stacks": 1, "stack_gap_nm": 0.0},
+    "strongly bent sheets": {"n_sheets": 2, "sheet_bend_nm": 15.0},
+    "many distractors": {
+        "n_particles": 60, "n_filaments": 6, "n_tubes": 1, "n_gold": 5, "carbon_edge": True,
+        "gradient": 2.0,
+    },
+}  # fmt: skip
+NOISE: dict[str, dict[str, Any]] = {
+    "white, no wedge": {"noise": "white", "tilt_range_deg": None},
+    "white, wedge ±60°": {"noise": "white", "tilt_range_deg": 60.0},
+    "low-pass 25 Å, ±50°": {"noise": "lowpass", "lowpass_res_a": 25.0, "tilt_range_deg": 50.0},
+    "low-pass 60 Å, ±70°": {"noise": "lowpass", "lowpass_res_a": 60.0, "tilt_range_deg": 70.0},
+    "CTF 2 µm, flipped, ±60°": {"noise": "ctf", "defocus_um": 2.0, "tilt_range_deg": 60.0},
+    "CTF 5 µm, not flipped, ±45°": {
+        "noise": "ctf", "defocus_um": 5.0, "phase_flipped": False, "tilt_range_deg": 45.0,
+    },
+}  # fmt: skip
+RENDERINGS: dict[str, dict[str, Any]] = {
+    "bilayer, white, 1.5σ": {"profile": "bilayer", "noise": "white", "contrast": 1.5},
+    "band, white, 1.5σ": {"profile": "band", "noise": "white", "contrast": 1.5},
+    "bilayer, CTF 3 µm, 1.5σ": {"profile": "bilayer", "noise": "ctf", "contrast": 1.5},
+    "band, low-pass 40 Å, 1σ": {
+        "profile": "band", "noise": "lowpass", "lowpass_res_a": 40.0, "contrast": 1.0,
+    },
+    "bilayer, white, 0.7σ": {"profile": "bilayer", "noise": "white", "contrast": 0.7},
+    "band, CTF 5 µm, 3σ": {"profile": "band", "noise": "ctf", "defocus_um": 5.0, "contrast": 3.0},
+}  # fmt: skip
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -26,34 +106,143 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2 * inter / total if total else 1.0
 
 
+def run(model: str, volume: np.ndarray, voxel_size: float = 10.0) -> np.ndarray:
+    """Membrane mask of `model` on an array at `voxel_size` Å."""
+    vol = cm.Volume.from_array(volume, voxel_size=voxel_size)
+    result = cm.segment(vol, model=model, preview_interval_s=0)
+    return np.asarray(result.labels) == MEMBRANE
+
+
+def render_pyseg(labels: np.ndarray, seed: int, **factors: Any) -> np.ndarray:
+    """A tomogram of the pyseg membrane (label 1) rendered with the given factors at 10 Å."""
+    mem = labels == MEMBRANE
+    half = 2.75  # nm: the band is ~5.5 voxels thick
+    inside = ndimage.distance_transform_edt(mem)
+    outside = ndimage.distance_transform_edt(~mem)
+    d = np.where(mem, np.maximum(half - inside + 0.5, 0.0), half + outside - 0.5)
+    f = Factors(**{"tilt_range_deg": 60.0, "thickness_nm": 2 * half, **factors})
+    shape = labels.shape
+    h = transfer(f, shape, 10.0)
+    signal = filter_volume(profile(d, f.profile, f.thickness_nm, 1.0).astype(np.float32), h)
+    signal *= np.float32(f.contrast / math.sqrt(float(np.mean(signal[mem].astype(float) ** 2))))
+    noise = filter_volume(np.random.default_rng(seed).standard_normal(shape, np.float32), h)
+    return signal + noise / np.float32(noise.std())
+
+
+PARTS = ("synth", "random", "noise", "pyseg", "tardis")
+
+
+def evaluate(
+    model: str, n: int, overview: Path | None, parts: set[str], conditions: list[str]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": model, "synth": {}, "random": {}, "noise": {}, "pyseg": {}}
+    for snr in (0.5, 1.0, 2.0) if "synth" in parts else ():
+        scores = []
+        for i in range(n):
+            tomo = synthesize(SHAPE, seed=1000 + i, snr=snr)
+            scores.append(dice(run(model, tomo.volume), tomo.labels == MEMBRANE))
+        out["synth"][f"SNR {snr:g}"] = scores
+        print(f"synth SNR {snr:g}: {np.round(scores, 3)}", flush=True)
+    for name, fixed in CONDITIONS.items() if "random" in parts else ():
+        if conditions and name not in conditions:
+            continue
+        scores = []
+        for i in range(n):
+            tomo = randomized(SHAPE, seed=100_000 + i, **fixed)
+            scores.append(dice(run(model, tomo.volume), tomo.labels == MEMBRANE))
+        out["random"][name] = scores
+        print(f"random {name}: {np.round(scores, 3)}", flush=True)
+    for name, spec in NOISE.items() if "noise" in parts else ():
+        tomo = randomized(SHAPE, seed=200_000, **NO_CONTENT, **spec)
+        out["noise"][name] = float(run(model, tomo.volume).mean())
+        print(f"noise {name}: {out['noise'][name]:.4%}", flush=True)
+    import mrcfile
+
+    with mrcfile.open(REAL / PYSEG, permissive=True) as m:
+        labels = np.asarray(m.data, dtype=np.int8)
+    for k, (name, factors) in enumerate(RENDERINGS.items() if "pyseg" in parts else ()):
+        volume = render_pyseg(labels, 300_000 + k, **factors)
+        out["pyseg"][name] = dice(run(model, volume), labels == MEMBRANE)
+        print(f"pyseg {name}: {out['pyseg'][name]:.3f}", flush=True)
+    if "tardis" not in parts:
+        return out
+    vol = cm.Volume.open(REAL / TARDIS)
+    result = cm.segment(vol, model=model, preview_interval_s=0)
+    tardis = np.asarray(result.labels) == MEMBRANE
+    out["tardis_fraction"] = float(tardis.mean())
+    print(f"tardis: {tardis.mean():.2%} called membrane", flush=True)
+    if overview is not None:
+        from cryomamba.overview import write_overview_png
+
+        image = np.asarray(vol.data, dtype=np.float32)
+        name = Path(model).name if Path(model).exists() else model
+        png = overview / f"demo-model-tardis-{name}.png"
+        write_overview_png(
+            png, image, tardis.astype(np.uint8), voxel_size=(23.2,) * 3,
+            label_names={0: "background", 1: "membrane"},
+        )  # fmt: skip
+        print(f"wrote {png}")
+    return out
+
+
+def table(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Markdown tables: old vs new, per part."""
+    mean = lambda v: float(np.mean(v))  # noqa: E731
+    lines = ["| held-out synthetic | old Dice | new Dice |", "| --- | ---: | ---: |"]
+    for part, label in (("synth", "cryomamba.synth"), ("random", "randomised")):
+        for name in (
+            k for k in {**CONDITIONS, "SNR 0.5": 0, "SNR 1": 0, "SNR 2": 0} if k in new[part]
+        ):
+            lines.append(
+                f"| {label}: {name} | {mean(old[part][name]):.3f} | {mean(new[part][name]):.3f} |"
+            )
+    lines += ["", "| pure noise | old: called membrane | new |", "| --- | ---: | ---: |"]
+    for name in new["noise"]:
+        lines.append(f"| {name} | {old['noise'][name]:.3%} | {new['noise'][name]:.3%} |")
+    lines += ["", "| pyseg membrane rendered as | old Dice | new Dice |", "| --- | ---: | ---: |"]
+    for name in new["pyseg"]:
+        lines.append(f"| {name} | {old['pyseg'][name]:.3f} | {new['pyseg'][name]:.3f} |")
+    lines += [
+        "",
+        f"Real crop (tardis, 23.2 Å): called membrane {old['tardis_fraction']:.2%} (old), "
+        f"{new['tardis_fraction']:.2%} (new).",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo-membrane")
-    parser.add_argument("--snr", type=float, nargs="+", default=[0.5, 1.0, 2.0])
-    parser.add_argument("--n", type=int, default=4, help="volumes per SNR")
-    parser.add_argument("--shape", default="64,128,128")
-    parser.add_argument("--tta", action="store_true")
-    args = parser.parse_args()
-    shape = tuple(int(v) for v in args.shape.split(","))
-    print(
-        f"model {args.model}, shape {shape}, {args.n} volumes per SNR, seeds 1000+, "
-        f"TTA {'on' if args.tta else 'off'}\n"
+    parser.add_argument("--model", default="demo-membrane", help="a model name or folder")
+    parser.add_argument("--n", type=int, default=2, help="volumes per synthetic condition")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--overview", type=Path, help="folder for the real-crop overview PNG")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset")
+    parser.add_argument("--conditions", nargs="*", default=[], help="randomised subset")
+    parser.add_argument(
+        "--table",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        help="print old vs new from JSON files (several per side: comma-separated, merged)",
     )
-    print("| SNR | Dice (membrane), mean | min | max |")
-    print("| ---: | ---: | ---: | ---: |")
+    args = parser.parse_args()
+    if args.table:
+        sides = []
+        for files in args.table:
+            merged: dict[str, Any] = {}
+            for p in files.split(","):
+                for key, value in json.loads(Path(p).read_text()).items():
+                    merged[key] = (
+                        {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+                    )
+            sides.append(merged)
+        print(table(sides[0], sides[1]))
+        return
     start = time.time()
-    for snr in args.snr:
-        scores = []
-        for i in range(args.n):
-            tomo = synthesize(shape, seed=1000 + i, snr=snr)
-            vol = cm.Volume.from_array(tomo.volume, voxel_size=tomo.voxel_size)
-            result = cm.segment(vol, model=args.model, mirroring=args.tta, preview_interval_s=0)
-            scores.append(dice(np.asarray(result.labels) == MEMBRANE, tomo.labels == MEMBRANE))
-        print(
-            f"| {snr:g} | {np.mean(scores):.3f} | {min(scores):.3f} | {max(scores):.3f} |",
-            flush=True,
-        )
-    print(f"\n{time.time() - start:.0f} s")
+    out = evaluate(args.model, args.n, args.overview, set(args.parts.split(",")), args.conditions)
+    out["seconds"] = round(time.time() - start)
+    print(f"{out['seconds']} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ as nnU-Net's ZScoreNormalization does at inference.
 
 Usage:
     python scripts/train_demo_model.py --out src/cryomamba/bundled_models/demo-membrane --seed 0
-    python scripts/train_demo_model.py --out DIR --eval-only      # evaluate an existing folder
+    python scripts/train_demo_model.py --out DIR --eval-only      # evaluate, rewrite README
+    python scripts/train_demo_model.py --out DIR --eval-only --eval-snr   # README only
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from cryomamba.synth import synthesize
+from cryomamba.synth_random import randomized
 from cryomamba.testing.model_folder import plans_for
 
 MODEL_NAME = "demo-membrane"
@@ -40,6 +42,10 @@ TRAIN_SHAPE = (96, 128, 128)
 EVAL_SHAPE = (64, 128, 128)
 EVAL_SEEDS = (1000, 1001, 1002, 1003)
 VAL_SEEDS = (900, 901)  # monitoring only: disjoint from training (0..N-1) and evaluation seeds
+# Randomised volumes (cryomamba.synth_random): training takes seeds from 0 up (the pool, then
+# one new volume every --refresh-every iterations); evaluation uses RANDOM_EVAL_SEED and up.
+RANDOM_VAL_SEEDS = (90_000, 90_001, 90_003)
+RANDOM_EVAL_SEED = 100_000
 MIRROR_AXES = (0, 1, 2)  # flips keep the missing wedge (around z, in kz-kx) where it is
 
 
@@ -62,8 +68,12 @@ def make_dataset_json(n_train: int) -> dict:
     return {
         "name": MODEL_NAME,
         "description": (
-            "CryoMamba demo model: membranes in synthetic cryo-ET tomograms "
-            "(cryomamba.synth, 10 Å voxels, dark density). Particles count as background."
+            "CryoMamba demo model: membranes (label 1) in cryo-ET tomograms at 10 Å/voxel, "
+            "dark density, trained only on synthetic tomograms (cryomamba.synth_random: "
+            "bilayer and band membranes 3-8 nm, white/low-pass/CTF noise, missing wedge "
+            "±40-70°, 7-14 Å presented at 10 Å; plus cryomamba.synth). A demonstration: "
+            "particles, filaments, carbon edges and gold count as background; it has never "
+            "seen a real tomogram."
         ),
         "channel_names": {"0": "cryo-ET"},
         "labels": {"background": 0, "membrane": 1},
@@ -106,30 +116,11 @@ def make_volume(seed: int, snr: float, shape: tuple[int, int, int], **kw) -> tup
     return zscore(tomo.volume), (tomo.labels == 1).astype(np.uint8), tomo.volume
 
 
-def training_data(n: int, rng: np.random.Generator) -> tuple[list, list, dict, list]:
-    """Synthetic training volumes with varied SNR, wedge and content; foreground statistics."""
-    images, masks, raw_fg, meta = [], [], [], []
-    for i in range(n):
-        snr = float(math.exp(rng.uniform(math.log(0.4), math.log(2.5))))
-        wedge = float(rng.uniform(20.0, 40.0))
-        n_particles = int(rng.integers(20, 160))
-        n_vesicles = int(rng.integers(4, 14))
-        n_sheets = int(rng.integers(0, 3))
-        img, mask, raw = make_volume(
-            i,
-            snr,
-            TRAIN_SHAPE,
-            missing_wedge_deg=wedge,
-            n_particles=n_particles,
-            n_vesicles=n_vesicles,
-            n_sheets=n_sheets,
-        )
-        images.append(img)
-        masks.append(mask)
-        raw_fg.append(raw[mask.astype(bool)])
-        meta.append({"seed": i, "snr": round(snr, 3), "wedge": round(wedge, 1)})
-    fg = np.concatenate(raw_fg).astype(np.float64)
-    props = {
+def fg_properties(raws: list[np.ndarray], masks: list[np.ndarray]) -> dict:
+    """nnU-Net's foreground intensity statistics (informational for ZScoreNormalization)."""
+    fg = np.concatenate([r[m.astype(bool)] for r, m in zip(raws, masks, strict=True)])
+    fg = fg.astype(np.float64)
+    return {
         "mean": float(fg.mean()),
         "median": float(np.median(fg)),
         "std": float(fg.std()),
@@ -138,11 +129,54 @@ def training_data(n: int, rng: np.random.Generator) -> tuple[list, list, dict, l
         "percentile_00_5": float(np.percentile(fg, 0.5)),
         "percentile_99_5": float(np.percentile(fg, 99.5)),
     }
+
+
+def random_volume(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One domain-randomised training volume: (normalised, mask, raw, meta)."""
+    tomo = randomized(TRAIN_SHAPE, seed=seed)
+    f = tomo.factors
+    meta = {"kind": "random", "seed": seed, "noise": f.noise, "contrast": round(f.contrast, 2)}
+    return zscore(tomo.volume), (tomo.labels == 1).astype(np.uint8), tomo.volume, meta
+
+
+def classic_volume(i: int, rng: np.random.Generator) -> tuple:
+    """One volume of cryomamba.synth (the old generator) with varied SNR, wedge and content."""
+    snr = float(math.exp(rng.uniform(math.log(0.4), math.log(2.5))))
+    wedge = float(rng.uniform(20.0, 40.0))
+    img, mask, raw = make_volume(
+        i,
+        snr,
+        TRAIN_SHAPE,
+        missing_wedge_deg=wedge,
+        n_particles=int(rng.integers(20, 160)),
+        n_vesicles=int(rng.integers(4, 14)),
+        n_sheets=int(rng.integers(0, 3)),
+    )
+    return img, mask, raw, {"kind": "synth", "seed": i, "snr": round(snr, 3)}
+
+
+def training_data(
+    n: int, n_classic: int, rng: np.random.Generator
+) -> tuple[list, list, dict, list]:
+    """The starting pool: n randomised volumes (seeds 0..n-1) and n_classic old-style ones."""
+    images, masks, raws, meta = [], [], [], []
+    for i in range(n + n_classic):
+        img, mask, raw, m = random_volume(i) if i < n else classic_volume(i - n, rng)
+        images.append(img)
+        masks.append(mask)
+        raws.append(raw)
+        meta.append(m)
+    props = fg_properties(raws, masks)
     return images, masks, props, meta
 
 
 def sample_batch(
-    images: list, masks: list, batch_size: int, rng: np.random.Generator, fg_fraction: float
+    images: list,
+    masks: list,
+    batch_size: int,
+    rng: np.random.Generator,
+    fg_fraction: float,
+    patch_size: int = PATCH[0],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random patches (a fraction centred on a membrane voxel) with random flips."""
     xs, ys = [], []
@@ -150,10 +184,10 @@ def sample_batch(
         k = int(rng.integers(len(images)))
         img, mask = images[k], masks[k]
         shape = np.array(img.shape)
-        patch = np.array(PATCH)
+        patch = np.array([patch_size] * 3)
         # nnU-Net style: the last patches of each batch are forced to hold foreground.
-        if b >= round(batch_size * (1 - fg_fraction)):
-            fg = np.flatnonzero(mask[::4, ::4, ::4])
+        fg = np.flatnonzero(mask[::4, ::4, ::4])
+        if b >= round(batch_size * (1 - fg_fraction)) and fg.size:
             z, y, x = np.unravel_index(fg[int(rng.integers(len(fg)))], mask[::4, ::4, ::4].shape)
             center = np.array([z, y, x]) * 4
             lo = np.clip(center - patch // 2 + rng.integers(-8, 9, size=3), 0, shape - patch)
@@ -191,12 +225,16 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2 * (pred & ref).sum() / denom)
 
 
-def val_patches(seeds: tuple[int, ...]) -> tuple[torch.Tensor, np.ndarray]:
+def val_patches(seeds: tuple[int, ...], random: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """Fixed 64³ validation patches (centre crops) from volumes never trained on."""
     xs, ys = [], []
     for s in seeds:
-        img, mask, _ = make_volume(s, 1.0, EVAL_SHAPE)
-        for x0 in (0, 64):
+        if random:
+            tomo = randomized(EVAL_SHAPE, seed=s)
+            img, mask = zscore(tomo.volume), (tomo.labels == 1).astype(np.uint8)
+        else:
+            img, mask, _ = make_volume(s, 1.0, EVAL_SHAPE)
+        for x0 in (0, 64)[: 1 if random else 2]:
             sl = (slice(0, 64), slice(32, 96), slice(x0, x0 + 64))
             xs.append(img[sl])
             ys.append(mask[sl])
@@ -210,13 +248,20 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     rng = np.random.default_rng(args.seed)
     torch.use_deterministic_algorithms(True)
 
-    print(f"generating {args.n_train} training volumes {TRAIN_SHAPE} ...", flush=True)
-    images, masks, fg_props, meta = training_data(args.n_train, rng)
+    n_classic = round(args.n_train * args.classic_fraction)
+    print(f"generating {args.n_train} + {n_classic} training volumes {TRAIN_SHAPE} ...", flush=True)
+    images, masks, fg_props, meta = training_data(args.n_train, n_classic, rng)
     vx, vy = val_patches(VAL_SEEDS)
+    rvx, rvy = val_patches(RANDOM_VAL_SEEDS, random=True)
+    next_seed = args.n_train
     t_data = time.perf_counter() - t0
     print(f"  done in {t_data:.1f} s; membrane fraction {np.mean([m.mean() for m in masks]):.3f}")
 
     net = build_network(deep_supervision=False)
+    if args.init is not None:  # fine-tune: start from another model folder's weights
+        ckpt = torch.load(args.init / "fold_0" / "checkpoint_final.pth", weights_only=False)
+        net.load_state_dict(ckpt["network_weights"])
+        print(f"initialised from {args.init}")
     n_params = sum(p.numel() for p in net.parameters())
     print(f"PlainConvUNet {FEATURES}, patch {PATCH}: {n_params} parameters")
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -224,8 +269,16 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     t1, c1 = time.perf_counter(), time.process_time()
     running = None
     for it in range(1, args.iterations + 1):
+        if args.refresh_every and it % args.refresh_every == 0:
+            # a fresh randomised volume replaces the oldest randomised one in the pool
+            slot = (next_seed - args.n_train) % args.n_train
+            images[slot], masks[slot], _, m = random_volume(next_seed)
+            meta.append(m)
+            next_seed += 1
         net.train()
-        x, y = sample_batch(images, masks, args.batch_size, rng, fg_fraction=0.33)
+        x, y = sample_batch(
+            images, masks, args.batch_size, rng, fg_fraction=0.33, patch_size=args.train_patch
+        )
         loss = dice_ce_loss(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -233,20 +286,44 @@ def train(args: argparse.Namespace, out: Path) -> dict:
         opt.step()
         sched.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if args.save_every and it % args.save_every == 0 and it < args.iterations:
+            # a snapshot: the folder as it would be if the run stopped here
+            save_folder(out, net, args, fg_props, meta, it, t1, c1)
         if it % args.log_every == 0 or it == args.iterations:
             net.eval()
             with torch.no_grad():
                 pred = net(vx).argmax(1).numpy()
+                rpred = net(rvx).argmax(1).numpy()
             el = time.perf_counter() - t1
             print(
                 f"iter {it:5d}/{args.iterations}  loss {running:.4f}  "
-                f"val dice (patches, snr 1) {dice(pred, vy):.4f}  "
+                f"val dice (patches, synth snr 1) {dice(pred, vy):.4f} "
+                f"(randomised) {dice(rpred, rvy):.4f}  "
                 f"lr {sched.get_last_lr()[0]:.2e}  {el:.0f} s ({el / it:.2f} s/iter)",
                 flush=True,
             )
+    save_folder(out, net, args, fg_props, meta, it, t1, c1)
     t_train = time.perf_counter() - t1
-    cpu_train = time.process_time() - c1
+    return {
+        "params": n_params,
+        "data_s": round(t_data, 1),
+        "train_s": round(t_train, 1),
+        "s_per_iter": round(t_train / args.iterations, 3),
+        "train_cpu_s": round(time.process_time() - c1, 1),
+    }
 
+
+def save_folder(
+    out: Path,
+    net: torch.nn.Module,
+    args: argparse.Namespace,
+    fg_props: dict,
+    meta: list,
+    iteration: int,
+    t1: float,
+    c1: float,
+) -> None:
+    """Write the nnU-Net model folder with the weights after `iteration` iterations."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "fold_0").mkdir(exist_ok=True)
     dataset_json = make_dataset_json(args.n_train)
@@ -267,31 +344,31 @@ def train(args: argparse.Namespace, out: Path) -> dict:
             "device": "cpu",
         },
         "inference_allowed_mirroring_axes": list(MIRROR_AXES),
-        "current_epoch": args.iterations,
+        "current_epoch": iteration,
         "cryomamba_training": {
             "script": "scripts/train_demo_model.py",
             "argv": sys.argv[1:],
             "seed": args.seed,
             "iterations": args.iterations,
+            "iterations_done": iteration,
             "batch_size": args.batch_size,
             "lr": args.lr,
             "n_train": args.n_train,
+            "init": None if args.init is None else str(args.init),
+            "train_patch": args.train_patch,
+            "classic_fraction": args.classic_fraction,
+            "refresh_every": args.refresh_every,
             "threads": args.threads,
-            "train_wall_s": round(t_train, 1),
-            "train_cpu_s": round(cpu_train, 1),
+            "train_wall_s": round(time.perf_counter() - t1, 1),
+            "train_cpu_s": round(time.process_time() - c1, 1),
             "train_volumes": meta,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
     }
-    torch.save(checkpoint, out / "fold_0" / "checkpoint_final.pth")
-    return {
-        "params": n_params,
-        "data_s": round(t_data, 1),
-        "train_s": round(t_train, 1),
-        "s_per_iter": round(t_train / args.iterations, 3),
-        "train_cpu_s": round(cpu_train, 1),
-    }
+    tmp = out / "fold_0" / "checkpoint_final.pth.tmp"
+    torch.save(checkpoint, tmp)
+    tmp.replace(out / "fold_0" / "checkpoint_final.pth")
 
 
 def evaluate(out: Path, snrs: list[float]) -> dict[float, dict]:
@@ -332,27 +409,62 @@ def evaluate(out: Path, snrs: list[float]) -> dict[float, dict]:
     return results
 
 
-def write_readme(args: argparse.Namespace, summary: dict, results: dict) -> None:
-    """README.md of the model folder: how it was made, with the exact command and results."""
-    cmd = "python scripts/train_demo_model.py " + " ".join(sys.argv[1:])
+def write_readme(out: Path, results: dict) -> None:
+    """README.md of the model folder, from the training record in its checkpoint."""
+    ckpt = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    rec = ckpt["cryomamba_training"]
+    n_params = sum(p.numel() for p in build_network().parameters())
+    cmd = "python scripts/train_demo_model.py " + " ".join(rec["argv"])
+    n_classic = round(rec["n_train"] * rec.get("classic_fraction", 0))
+    n_random = sum(1 for m in rec["train_volumes"] if m.get("kind") == "random")
+    init = rec.get("init")
+    init_text = (
+        f"Fine-tuned, not trained from scratch: the weights started from `{init}`, a copy of "
+        "the previous demo model (commit 9640c46, `git show 9640c46:src/cryomamba/"
+        "bundled_models/demo-membrane/fold_0/checkpoint_final.pth`; 600 iterations of this "
+        "script's previous version on old-generator volumes). "
+        if init
+        else "Trained from scratch. "
+    )
+    done = rec.get("iterations_done", rec["iterations"])
+    stopped = (
+        f"**The run was stopped after {done} of its {rec['iterations']} iterations** (a "
+        "deadline, on a machine shared with other jobs); these weights are the snapshot "
+        f"`--save-every` wrote at iteration {done}, so the same command gives them again at "
+        f"that iteration. "
+        if done < rec["iterations"]
+        else ""
+    )
     rows = "\n".join(
-        f"| {snr:g} | {np.mean(r['dice']):.4f} | {', '.join(f'{x:.4f}' for x in r['dice'])} "
-        f"| {r['fn_edge']:.1%} | {r['fp_edge']:.1%} |"
+        f"| {snr:g} | {np.mean(r['dice']):.4f} | {', '.join(f'{x:.4f}' for x in r['dice'])} |"
         for snr, r in results.items()
     )
-    edge_min = min((min(r["fn_edge"], r["fp_edge"]) for r in results.values()), default=0.0)
-    edge_note = (
-        f"The network fills those in: at least {edge_min:.0%} of the wrong voxels are a voxel "
-        "more or less of band thickness."
-        if edge_min >= 0.9
-        else "Part of the error lies away from the band edges (hidden or missed membranes)."
+    held_out = (
+        f"""
+## nnU-Net's own predictor on the old generator
+
+`nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=cpu)` on 4 volumes
+{EVAL_SHAPE} of `cryomamba.synth` (seeds {", ".join(map(str, EVAL_SEEDS))}), membrane Dice:
+
+| SNR | mean Dice | per volume |
+| --- | --- | --- |
+{rows}
+"""
+        if results
+        else ""
     )
     text = f"""# demo-membrane
 
 A small nnU-Net v2 (`3d_fullres`) model that segments **membranes** (label 1) in cryo-ET
-tomograms at 10 Å/voxel, trained only on synthetic tomograms from `cryomamba.synth`. It is the
-CryoMamba demo model: small enough to run on a laptop CPU, not meant for real data (it has
-never seen any). Particles and everything else are background (label 0).
+tomograms at 10 Å/voxel, trained only on synthetic tomograms: domain-randomised ones from
+`cryomamba.synth_random` (membranes as bilayers or single dark bands 3–8 nm thick, contrast
+0.5–3 noise sigmas, vesicles of 8–120 nm radius, flat and strongly bent sheets, stacked and
+touching membranes, membranes cut by the volume edge; particles, filaments, tubes, carbon
+edges, intensity ramps and gold beads as background; white, low-pass or CTF-shaped noise with
+a missing wedge of random tilt range ±40–70°; drawn at 7–14 Å and presented at 10 Å) and
+some from the older `cryomamba.synth`. It is the CryoMamba demo model: small enough to run
+on a laptop CPU. It has never seen a real tomogram; see docs/demo-model.md for where it
+holds up and where it fails, and bring a real nnU-Net model for real work.
 
 Files: `dataset.json`, `plans.json`, `fold_0/checkpoint_final.pth` — an ordinary nnU-Net v2
 trained-model folder; `nnUNetPredictor.initialize_from_trained_model_folder(folder,
@@ -364,9 +476,9 @@ arrays (ZYX, spacing in Å).
 ## Network
 
 `PlainConvUNet`, {len(FEATURES)} stages, features {FEATURES}, 3×3×3 convolutions, 2 per stage,
-InstanceNorm + LeakyReLU, patch {PATCH}, {summary["params"]:,} parameters. Spacing
-{SPACING} Å (nnU-Net resamples other spacings to this), ZScoreNormalization over the whole
-volume. Mirroring (test-time augmentation) allowed on axes {list(MIRROR_AXES)}.
+InstanceNorm + LeakyReLU, patch {PATCH}, {n_params:,} parameters. Spacing {SPACING} Å
+(nnU-Net resamples other spacings to this), ZScoreNormalization over the whole volume.
+Mirroring (test-time augmentation) allowed on axes {list(MIRROR_AXES)}.
 
 ## How it was made
 
@@ -374,39 +486,35 @@ volume. Mirroring (test-time augmentation) allowed on axes {list(MIRROR_AXES)}.
 {cmd}
 ```
 
-Seed {args.seed} (torch.manual_seed and the numpy Generator that draws the training SNRs,
-content and patches; the synthetic volumes use synth seeds 0..{args.n_train - 1}). Torch
-{torch.__version__}, CPU, {args.threads} threads, `torch.use_deterministic_algorithms(True)`:
-two runs with the same seed and thread count gave bit-identical weights here; another thread
-count, CPU or torch version may change the last bits of the float sums and so the weights.
+{init_text}Seed {rec["seed"]} (torch.manual_seed and the numpy Generator that draws the
+old-generator SNRs and the patches; randomised volume *i* is `synth_random.randomized(
+{TRAIN_SHAPE}, seed=i)`). Torch {rec["torch"]}, CPU, {rec["threads"]} threads,
+`torch.use_deterministic_algorithms(True)`: the same seed and thread count give the same
+weights; another thread count, CPU or torch version may change the last bits of the float
+sums and so the weights.
 
-Not nnU-Net's trainer: a small torch loop (`scripts/train_demo_model.py`) on
-{args.n_train} synthetic volumes of {TRAIN_SHAPE} voxels (SNR log-uniform in 0.4–2.5, missing
-wedge 20–40°, varied numbers of vesicles, sheets and particles), each z-scored exactly as
-nnU-Net's ZScoreNormalization does at inference; random {PATCH} patches, batch
-{args.batch_size}, one third centred on membrane, random flips on every axis; loss
-cross-entropy + batch soft Dice; AdamW lr {args.lr:g}, poly decay, {args.iterations}
-iterations. Training took {summary["train_s"]:.0f} s wall ({summary["s_per_iter"]:.2f} s per
-iteration, {summary["train_cpu_s"]:.0f} s CPU over all threads) on a shared 2-core machine.
-No optimizer state is saved.
+A small torch loop, not nnU-Net's trainer: a pool of {rec["n_train"]} randomised volumes and
+{n_classic} old-generator volumes (SNR 0.4–2.5, wedge 20–40°) of {TRAIN_SHAPE} voxels, each
+z-scored as nnU-Net's ZScoreNormalization does at inference; every {rec["refresh_every"]}
+iterations a new randomised volume replaces the oldest one ({n_random} randomised volumes
+in all, seeds 0..{n_random - 1}); random {rec.get("train_patch", PATCH[0])}³ patches (the
+network is fully convolutional; inference uses {PATCH[0]}³), batch {rec["batch_size"]}, one
+patch in three centred on membrane, random flips on every axis (they keep the wedge where
+it is); loss cross-entropy + batch soft Dice; AdamW lr {rec["lr"]:g}, poly decay over
+{rec["iterations"]} iterations. {stopped}Training took {rec["train_wall_s"]:.0f} s wall
+({rec["train_cpu_s"]:.0f} s CPU over all threads) on a 2-core machine shared with other
+jobs (load average 5–22 during the run). No optimizer state is saved.
+{held_out}
+## A bigger one, on a GPU
 
-## Held-out evaluation
-
-nnU-Net's own `nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=cpu)` →
-`predict_single_npy_array`, on 4 synthetic volumes {EVAL_SHAPE} (synth seeds
-{", ".join(map(str, EVAL_SEEDS))}, default content, missing wedge 30°), membrane Dice:
-
-| SNR | mean Dice | per volume | missed voxels at the edge | extra voxels at the edge |
-| --- | --- | --- | --- | --- |
-{rows}
-
-The last two columns: the share of missed (false negative) and extra (false positive)
-membrane voxels that lie within one voxel of the edge of the 5.5 nm label band. The labels are
-geometric ground truth and keep the membrane patches the missing wedge hides (vesicle caps and
-sides). {edge_note} SNR is var(signal) / var(noise) over the whole volume (see
-`cryomamba.synth`); the model has seen SNR 0.4–2.5 in training.
+The data are generated on the fly, so a larger model needs no dataset on disk:
+`python scripts/train_demo_model.py --out DIR --iterations 20000 --batch-size 8
+--n-train 256 --refresh-every 1`, with `FEATURES` (e.g. 32–320, nnU-Net's defaults) and
+`PATCH` (e.g. 128³) raised at the top of the script and the loop moved to CUDA
+(`net.cuda()`, the batch `.cuda()`). Or write volumes with `synth_random.randomized` as
+NIfTI into an nnU-Net raw dataset and run nnU-Net's own planning and training.
 """
-    (args.out / "README.md").write_text(text)
+    (out / "README.md").write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,16 +525,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--n-train", type=int, default=32, help="training volumes (synth seeds 0..N-1)")
+    p.add_argument(
+        "--n-train", type=int, default=48, help="randomised volumes in the pool (seeds 0..N-1)"
+    )
+    p.add_argument(
+        "--classic-fraction",
+        type=float,
+        default=0.25,
+        help="old-generator (cryomamba.synth) volumes added, as a fraction of --n-train",
+    )
+    p.add_argument(
+        "--refresh-every",
+        type=int,
+        default=4,
+        help="replace one randomised pool volume with a new seed every N iterations (0: never)",
+    )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--init", type=Path, default=None, help="model folder whose weights to start from"
+    )
+    p.add_argument(
+        "--train-patch",
+        type=int,
+        default=PATCH[0],
+        help="training patch edge (the plans keep 64; a smaller one trains faster)",
+    )
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument(
+        "--save-every", type=int, default=0, help="also write the folder every N iterations"
+    )
     p.add_argument(
         "--eval-snr", type=float, nargs="*", default=[1.0, 0.5, 0.25, 2.0], help="held-out SNRs"
     )
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing model folder")
     args = p.parse_args(argv)
-    if args.n_train > min(VAL_SEEDS):
-        p.error(f"--n-train must be <= {min(VAL_SEEDS)} (seeds above are held out)")
+    n_classic = round(args.n_train * args.classic_fraction)
+    n_random = args.n_train + (args.iterations // args.refresh_every if args.refresh_every else 0)
+    if n_classic > min(VAL_SEEDS) or n_random > min(RANDOM_VAL_SEEDS):
+        p.error("too many training volumes: they would reach the held-out seeds")
     torch.set_num_threads(args.threads)
     # Read when nnunetv2 is imported (lazily, below).
     os.environ["nnUNet_def_n_proc"] = str(args.threads)  # noqa: SIM112
@@ -439,8 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["cpu_s"] = round(time.process_time(), 1)  # all threads, including imports
     summary["dice"] = {str(k): round(float(np.mean(r["dice"])), 4) for k, r in results.items()}
     print(json.dumps(summary, indent=2))
-    if not args.eval_only:
-        write_readme(args, summary, results)
+    write_readme(args.out, results)
     return 0
 
 

@@ -346,6 +346,8 @@ def test_models_lists_the_demo_model(capsys):
     code, stdout, _ = run(capsys, "models")
     assert code == 0
     assert "demo-membrane" in stdout
+    assert "synthetic" in stdout  # says what the demo model was trained on
+    assert "$CRYOMAMBA_MODELS_DIR" in " ".join(stdout.split())  # and how to bring a real one
 
 
 def test_synth_writes_a_deterministic_mrc(capsys, tmp_path):

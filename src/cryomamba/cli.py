@@ -392,6 +392,12 @@ def _cmd_models(args: argparse.Namespace, ui: _UI) -> int:
             labels = f"[red]unavailable:[/] {escape(exc.message)}"
         table.add_row(spec.name, labels, escape(spec.description), escape(str(spec.path)))
     ui.out.print(table)
+    ui.out.print(
+        "A real model: pass an nnU-Net v2 trained-model folder (dataset.json, plans.json, "
+        "fold_*/checkpoint_final.pth) as --model PATH, or put such folders under "
+        "$CRYOMAMBA_MODELS_DIR to list them here by name.",
+        highlight=False,
+    )
     return 0
 
 

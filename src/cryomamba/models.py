@@ -96,7 +96,9 @@ def cryomamba_register_models(registry: Registry[ModelSpec]) -> None:
         ModelSpec(
             "demo-membrane",
             BUNDLED_MODELS_DIR / "demo-membrane",
-            "small demo model: membranes in cryo-ET at 10 Å/voxel, trained on synthetic tomograms",
+            "demo: membranes at 10 Å/voxel, trained only on synthetic tomograms "
+            "(cryomamba.synth); a first look, not for analysis: it calls ~10 % of pure noise "
+            "membrane and misses band-like membranes (docs/demo-model.md)",
         ),
     )
     extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
