@@ -79,11 +79,22 @@ def run_cases(args, bundled: Path, run_one, make_volume) -> None:
     if not args.no_write:
         body = (
             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n"
-            f"Command: `python benchmarks/engine.py --only cases --repeat {args.repeat} "
-            f"--threads {args.threads}` (tile step {args.step}, CPU, fp32, our tile_batch "
-            f"{args.tile_batch}).\n\n{table(rows, args)}"
+            f"Command: `{_realtime()}python benchmarks/engine.py --only cases {_cases_arg(args)}"
+            f"--repeat {args.repeat} --threads {args.threads}` (tile step {args.step}, CPU, "
+            f"fp32, our tile_batch {args.tile_batch}).\n\n{table(rows, args)}"
         )
         write_block("engine-cases", "Engine cases (issue 10): CryoMamba vs nnU-Net", body)
+
+
+def _cases_arg(args) -> str:
+    return f"--cases {' '.join(args.cases)} " if args.cases else ""
+
+
+def _realtime() -> str:
+    """`chrt -r 10 ` when run under real-time scheduling (the other work on the machine waited)."""
+    import os
+
+    return "chrt -r 10 " if os.sched_getscheduler(0) in (os.SCHED_RR, os.SCHED_FIFO) else ""
 
 
 def table(rows, args) -> str:
