@@ -127,15 +127,14 @@ def test_reads_touch_only_the_chunks_asked_for(tmp_path):
 
 
 def test_memory_stays_bounded_reading_tiles_of_a_1gib_zarr(tmp_path):
-    from cryomamba.engine.streaming import _tile
-    from cryomamba.engine.tiling import TileGrid
+    from cryomamba.engine.tiling import TileGrid, cut_tile
 
     _big_sparse_image(zarr.storage.DirectoryStore(str(tmp_path / "big.zarr")))
     vol = cm.Volume.open(tmp_path / "big.zarr")
     grid = TileGrid.build(vol.shape, (64, 64, 64), 0.5)
     tracemalloc.start()
     for z, y, x in [(0, 0, 0), (480, 512, 960), (960, 960, 960)]:
-        tile = _tile(vol.data, grid, z, y, x, lambda a: a)
+        tile = cut_tile(vol.data, grid, z, y, x, lambda a: a)
         assert tile.shape == (1, 64, 64, 64)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

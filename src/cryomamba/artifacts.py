@@ -220,9 +220,7 @@ def check_output_dir(folder: str | os.PathLike[str]) -> None:
     """
     out = Path(folder)
     target = out.absolute()
-    existing = target
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = _nearest_existing(target)
     if not existing.is_dir():
         raise OutputError(
             f"cannot write into output folder {out}: {existing} is a file, not a folder",
@@ -250,19 +248,38 @@ def check_output_dir(folder: str | os.PathLike[str]) -> None:
                 part.rmdir()
 
 
+_RACE_RETRIES = 20
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its nearest existing ancestor. A folder that vanishes while we look (another
+    job's probe removing the parent it made) sends the walk round again."""
+    for _ in range(_RACE_RETRIES):
+        existing = path
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if existing.is_dir() or existing.exists():
+            return existing
+    return existing
+
+
 def _mkdir_racing(folder: Path) -> bool:
-    """mkdir that tolerates another process making sibling outputs at the same moment: True
-    if we created `folder`, False if it appeared meanwhile (then it is not ours to remove)."""
-    try:
-        folder.mkdir()
-        return True
-    except FileExistsError:
-        if not folder.is_dir():
-            raise
-        return False
-    except FileNotFoundError:  # the other process's probe removed the parent it had made
-        folder.mkdir(parents=True, exist_ok=True)
-        return True
+    """mkdir that tolerates other jobs making sibling outputs at the same moment: True if we
+    created `folder`, False if it appeared meanwhile (then it is not ours to remove)."""
+    for _ in range(_RACE_RETRIES):
+        try:
+            folder.mkdir()
+            return True
+        except FileExistsError:
+            if folder.is_dir():
+                return False
+            if folder.exists():
+                raise
+        except FileNotFoundError:  # another job's probe removed the parent it had made
+            with contextlib.suppress(FileNotFoundError):
+                folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir()  # still racing after all the retries: let the error speak
+    return True
 
 
 def existing_artifacts(folder: str | os.PathLike[str], formats: Iterable[str]) -> list[Path]:
