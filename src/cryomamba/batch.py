@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cohort import CohortItem, segment_many
-from .config import JobConfig, tile_batch_arg
+from .config import TILE_BATCH_OPTION, JobConfig
 from .errors import ConfigError
 from .job import JobState
 
@@ -54,13 +54,7 @@ def add_arguments(add: Any) -> None:
     )
     add("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     add("--tile-step", type=float, default=0.5, help="tile step, fraction of a tile (0, 1]")
-    add(
-        "--tile-batch",
-        type=tile_batch_arg,
-        default="auto",
-        metavar="N",
-        help="samples per network call, or auto (default: sized from free memory)",
-    )
+    add("--tile-batch", **TILE_BATCH_OPTION)
     add("--no-skip", action="store_true", help="redo inputs whose results are already complete")
 
 

@@ -33,7 +33,7 @@ from rich.text import Text
 import cryomamba as cm
 
 from .artifacts import check_output_dir, existing_artifacts
-from .config import DEFAULT_FORMATS, FORMATS, RESAMPLE_MODES, tile_batch_arg
+from .config import DEFAULT_FORMATS, FORMATS, RESAMPLE_MODES, TILE_BATCH_OPTION
 from .threads import quiet_openmp
 
 __all__ = ["EXIT_CANCELED", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
@@ -141,13 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mirroring test-time augmentation: 8 flips per tile, 8x slower (default: off)",
     )
     add("--folds", type=_folds, default=None, help="e.g. 0,1 (default: every fold)")
-    add(
-        "--tile-batch",
-        type=tile_batch_arg,
-        default="auto",
-        metavar="N",
-        help="samples per network call, or auto (default: sized from free memory)",
-    )
+    add("--tile-batch", **TILE_BATCH_OPTION)
     add(
         "--voxel-size",
         type=_voxel_size,

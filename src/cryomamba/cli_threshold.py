@@ -56,9 +56,9 @@ def run_threshold(args: argparse.Namespace, ui: Any) -> int:
     stats_path = out.with_name(out.name.split(".")[0] + ".stats.json")
     write_stats_json(stats_path, stats)
     rows = {e["name"]: e["voxel_count"] for e in result.stats.get("labels", [])}
-    print(
-        json.dumps({"mask": str(out), "stats": str(stats_path), "voxels": rows})
-    )  # no rich: no wrapping, no markup
+    # soft_wrap: a long path must not be wrapped inside the JSON string; no markup: "[...]"
+    summary = json.dumps({"mask": str(out), "stats": str(stats_path), "voxels": rows})
+    ui.out.print(summary, soft_wrap=True, markup=False)
     return 0
 
 

@@ -215,6 +215,15 @@ def tile_batch_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
 
 
+TILE_BATCH_OPTION: dict[str, Any] = {
+    "type": tile_batch_arg,
+    "default": "auto",
+    "metavar": "N",
+    "help": "samples per network call, or auto (default: sized from free memory)",
+}
+"""argparse keywords of `--tile-batch`, shared by `segment` and `batch`."""
+
+
 def _voxel_size(value: object) -> tuple[float, float, float]:
     """A voxel size override as three floats (z, y, x) in Å within `VOXEL_SIZE_RANGE`, or
     ConfigError. One number means the same on every axis; a list must hold three."""
