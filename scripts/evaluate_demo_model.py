@@ -32,7 +32,7 @@ from scipy import ndimage
 
 import cryomamba as cm
 from cryomamba.synth import synthesize
-from cryomamba.synth_random import Factors, profile, randomized, transfer
+from cryomamba.synth_random import NO_CONTENT, Factors, profile, randomized, transfer
 from cryomamba.synth_spectra import filter_volume
 
 MEMBRANE = 1
@@ -49,10 +49,6 @@ REAL = (
 )
 PYSEG = "pyseg_tomo22_membrane_labels_int8.mrc"
 TARDIS = "tardis_mrc3D_mode0.mrc"
-NO_CONTENT = dict(
-    n_vesicles=0, n_sheets=0, n_stacks=0, n_particles=0, n_filaments=0, n_tubes=0, n_gold=0,
-    carbon_edge=False, gradient=0.0,
-)  # fmt: skip
 
 # Held-out randomised conditions: one factor at an extreme, the rest drawn per seed.
 CONDITIONS: dict[str, dict[str, Any]] = {

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from cryomamba.synth import synthesize
-from cryomamba.synth_random import randomized
+from cryomamba.synth_random import NO_CONTENT, randomized
 from cryomamba.testing.model_folder import plans_for
 
 MODEL_NAME = "demo-membrane"
@@ -46,6 +46,8 @@ VAL_SEEDS = (900, 901)  # monitoring only: disjoint from training (0..N-1) and e
 # one new volume every --refresh-every iterations); evaluation uses RANDOM_EVAL_SEED and up.
 RANDOM_VAL_SEEDS = (90_000, 90_001, 90_003)
 RANDOM_EVAL_SEED = 100_000
+# Pure-noise volumes (no content, optics drawn as for the others): seeds from NOISE_SEED up.
+NOISE_SEED = 60_000
 MIRROR_AXES = (0, 1, 2)  # flips keep the missing wedge (around z, in kz-kx) where it is
 
 
@@ -139,6 +141,13 @@ def random_volume(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     return zscore(tomo.volume), (tomo.labels == 1).astype(np.uint8), tomo.volume, meta
 
 
+def noise_volume(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Noise through randomly drawn optics and nothing else: all background."""
+    tomo = randomized(TRAIN_SHAPE, seed=NOISE_SEED + i, **NO_CONTENT)
+    meta = {"kind": "noise", "seed": NOISE_SEED + i, "noise": tomo.factors.noise}
+    return zscore(tomo.volume), np.zeros(TRAIN_SHAPE, np.uint8), tomo.volume, meta
+
+
 def classic_volume(i: int, rng: np.random.Generator) -> tuple:
     """One volume of cryomamba.synth (the old generator) with varied SNR, wedge and content."""
     snr = float(math.exp(rng.uniform(math.log(0.4), math.log(2.5))))
@@ -156,12 +165,18 @@ def classic_volume(i: int, rng: np.random.Generator) -> tuple:
 
 
 def training_data(
-    n: int, n_classic: int, rng: np.random.Generator
+    n: int, n_classic: int, n_noise: int, rng: np.random.Generator
 ) -> tuple[list, list, dict, list]:
-    """The starting pool: n randomised volumes (seeds 0..n-1) and n_classic old-style ones."""
+    """The starting pool: n randomised volumes (seeds 0..n-1), then n_classic old-style ones
+    and n_noise pure-noise ones (only the first n are ever replaced by fresh volumes)."""
     images, masks, raws, meta = [], [], [], []
-    for i in range(n + n_classic):
-        img, mask, raw, m = random_volume(i) if i < n else classic_volume(i - n, rng)
+    for i in range(n + n_classic + n_noise):
+        if i < n:
+            img, mask, raw, m = random_volume(i)
+        elif i < n + n_classic:
+            img, mask, raw, m = classic_volume(i - n, rng)
+        else:
+            img, mask, raw, m = noise_volume(i - n - n_classic)
         images.append(img)
         masks.append(mask)
         raws.append(raw)
@@ -249,8 +264,12 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     torch.use_deterministic_algorithms(True)
 
     n_classic = round(args.n_train * args.classic_fraction)
-    print(f"generating {args.n_train} + {n_classic} training volumes {TRAIN_SHAPE} ...", flush=True)
-    images, masks, fg_props, meta = training_data(args.n_train, n_classic, rng)
+    n_noise = round(args.n_train * args.noise_fraction)
+    print(
+        f"generating {args.n_train} + {n_classic} + {n_noise} training volumes {TRAIN_SHAPE} ...",
+        flush=True,
+    )
+    images, masks, fg_props, meta = training_data(args.n_train, n_classic, n_noise, rng)
     vx, vy = val_patches(VAL_SEEDS)
     rvx, rvy = val_patches(RANDOM_VAL_SEEDS, random=True)
     next_seed = args.n_train
@@ -357,6 +376,7 @@ def save_folder(
             "init": None if args.init is None else str(args.init),
             "train_patch": args.train_patch,
             "classic_fraction": args.classic_fraction,
+            "noise_fraction": args.noise_fraction,
             "refresh_every": args.refresh_every,
             "threads": args.threads,
             "train_wall_s": round(time.perf_counter() - t1, 1),
@@ -522,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed for torch and patch sampling")
-    p.add_argument("--iterations", type=int, default=600)
+    p.add_argument("--iterations", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument(
@@ -531,8 +551,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--classic-fraction",
         type=float,
-        default=0.25,
+        default=0.33,
         help="old-generator (cryomamba.synth) volumes added, as a fraction of --n-train",
+    )
+    p.add_argument(
+        "--noise-fraction",
+        type=float,
+        default=0.15,
+        help="pure-noise volumes (random optics, no content) added, as a fraction of --n-train",
     )
     p.add_argument(
         "--refresh-every",
@@ -550,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         default=PATCH[0],
         help="training patch edge (the plans keep 64; a smaller one trains faster)",
     )
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=250)
     p.add_argument(
         "--save-every", type=int, default=0, help="also write the folder every N iterations"
     )
@@ -561,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n_classic = round(args.n_train * args.classic_fraction)
     n_random = args.n_train + (args.iterations // args.refresh_every if args.refresh_every else 0)
-    if n_classic > min(VAL_SEEDS) or n_random > min(RANDOM_VAL_SEEDS):
+    if n_classic > min(VAL_SEEDS) or n_random > NOISE_SEED:
         p.error("too many training volumes: they would reach the held-out seeds")
     torch.set_num_threads(args.threads)
     # Read when nnunetv2 is imported (lazily, below).

@@ -317,6 +317,13 @@ class _Scene:
         return rho
 
 
+# Factors that leave nothing but noise (through the drawn optics): no membranes, no distractors.
+NO_CONTENT: dict[str, Any] = dict(
+    n_vesicles=0, n_sheets=0, n_stacks=0, n_particles=0, n_filaments=0, n_tubes=0, n_gold=0,
+    carbon_edge=False, gradient=0.0,
+)  # fmt: skip
+
+
 def randomized(
     shape: tuple[int, int, int] = (64, 128, 128), *, seed: int = 0, **factors: Any
 ) -> RandomTomogram:
