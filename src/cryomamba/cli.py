@@ -5,73 +5,61 @@ fix (bad file, option, model or output folder) is one `error:` line plus a `hint
 exit code 2; a job that fails while running exits with 1; Ctrl-C cancels the job cleanly
 and exits with 130. `--debug` adds the traceback. A reader that stops early (`| head`)
 ends the command quietly.
+
+This module holds the parser, the logging set-up and the error report; the commands run in
+`cli_segment`, `cli_data`, `cli_server`, `cli_threshold` and `cli_copick`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import json
 import logging
-import math
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from rich import progress as rp
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 import cryomamba as cm
 
-from .artifacts import check_output_dir, existing_artifacts
+from .cli_data import run_info, run_models, run_synth
+from .cli_segment import run_batch, run_demo, run_segment
+from .cli_server import run_backup, run_restore, run_serve, run_token
+from .cli_ui import UI, UsageError
 from .config import DEFAULT_FORMATS, FORMATS, RESAMPLE_MODES, TILE_BATCH_OPTION
 from .threads import quiet_openmp
 
 __all__ = ["EXIT_CANCELED", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
-
-log = logging.getLogger(__name__)
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CANCELED = 1, 2, 130
 # A job that failed because of its input exits like the same error raised before the job.
 _INPUT_CODES = frozenset(
     e.code for e in (cm.InvalidVolumeError, cm.ConfigError, cm.ModelError, cm.OutputError)
 ) | {"voxel_size_unknown"}
-
-
-class _UsageError(cm.ConfigError):
-    """A command line that argparse rejects."""
-
-    code = "usage"
+# What each command runs (`threshold` registers its own, in cli_threshold).
+_RUNS: dict[str, Callable[[argparse.Namespace, UI], int]] = {
+    "segment": run_segment,
+    "batch": run_batch,
+    "demo": run_demo,
+    "info": run_info,
+    "models": run_models,
+    "synth": run_synth,
+    "token": run_token,
+    "backup": run_backup,
+    "restore": run_restore,
+}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message, hint=f"see `{self.prog} --help`")
-
-
-class _Console(Console):
-    def on_broken_pipe(self) -> None:
-        """Rich would exit with 1; let `main` end quietly instead (`_reader_gone`)."""
-        self.quiet = True
-        raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
-
-
-class _UI:
-    """Where output goes: results to `out`, progress, logs and errors to `err`."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        self.out = _Console(highlight=False)
-        self.err = _Console(stderr=True, highlight=False)
-        self.quiet = quiet
+        raise UsageError(message, hint=f"see `{self.prog} --help`")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -123,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, text: str) -> Any:
         p = sub.add_parser(name, parents=[common], help=text, description=text)
-        p.set_defaults(run=globals()[f"_cmd_{name}"])
+        p.set_defaults(run=_RUNS[name])
         return p.add_argument
 
     add = command("segment", "segment a tomogram (MRC/CCP4) and write the results")
@@ -196,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="run the CryoMamba server (same as python -m "
         "cryomamba.serve); every flag has a CRYOMAMBA_SERVER_* variable",
     )
-    serve.set_defaults(run=_cmd_serve)
+    serve.set_defaults(run=run_serve)
     from .serve import add_server_arguments
 
     add_server_arguments(serve)
@@ -230,317 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_segment(args: argparse.Namespace, ui: _UI) -> int:
-    fields = (
-        "model",
-        "folds",
-        "tile_step",
-        "mirroring",
-        "device",
-        "tile_batch",
-        "formats",
-        "voxel_size",
-        "resample",
-    )
-    config = cm.JobConfig(**{name: getattr(args, name) for name in fields})
-    if args.copick is not None:
-        from .cli_copick import run_copick_segment
-
-        seg = run_copick_segment(
-            args,
-            config,
-            lambda volume, cfg: _run_job(ui, volume, cfg),
-            lambda result, cfg, out: result.save(out, cfg.formats),
-        )
-        ui.out.print(f"wrote copick segmentation {escape(str(seg))}", soft_wrap=True)
-        return 0
-    if args.input is None or args.out is None:
-        raise _UsageError(
-            "segment needs IN and -o/--out (or --copick ...)",
-            hint="see `cryomamba segment --help`",
-        )
-    with cm.Volume.open(args.input) as volume:
-        volume.require_tomogram()
-        spec = cm.resolve_model(config.model)
-        spec.labels()  # a folder that is no model fails now, not after loading torch
-        check_output_dir(args.out)
-        _check_no_results(args.out, config.formats, args.overwrite)
-        _check_device(config.device)
-        if not volume.voxel_size_known and config.voxel_size is None:
-            log.warning("%s has no voxel size; assuming %s Å", args.input, volume.voxel_size)
-        _segment_and_save(ui, volume, config, spec.name, args.out)
-    return 0
-
-
-def _check_device(name: str) -> None:
-    """A GPU that is asked for must exist: say so now, not once the job has started."""
-    if name.startswith("cuda"):
-        from .engine.device import resolve_device
-
-        resolve_device(name)
-
-
-def _check_no_results(out: Path, formats: tuple[str, ...], overwrite: bool) -> None:
-    """Refuse to replace earlier results unless asked to (before inference, not after)."""
-    found = existing_artifacts(out, formats)
-    if found and not overwrite:
-        raise cm.OutputError(
-            f"{out} already holds results: {', '.join(p.name for p in found)}",
-            hint="pass --overwrite to replace them, or choose another output folder",
-        )
-    if found:
-        log.warning("replacing %s in %s", ", ".join(p.name for p in found), out)
-
-
-def _cmd_batch(args: argparse.Namespace, ui: _UI) -> int:
-    from .batch import run
-
-    return run(args, ui.err, ui.out, quiet=ui.quiet)
-
-
-def _cmd_serve(args: argparse.Namespace, ui: _UI) -> int:
-    from .serve import serve
-
-    return serve(args)  # JSON log lines, set up by the server itself (no rich handler)
-
-
-def _cmd_token(args: argparse.Namespace, ui: _UI) -> int:
-    from .server.auth import mint_token, parse_duration
-    from .server.settings import ServerSettings, load_secret
-
-    settings = ServerSettings(data_dir=args.data_dir, secret_file=args.secret_file)
-    try:
-        ttl = parse_duration(args.ttl)
-        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
-        secret = load_secret(settings, create=False)
-        token = mint_token(secret, args.subject, scopes, ttl)
-    except cm.CryoMambaError:
-        raise
-    except ValueError as exc:
-        raise _UsageError(str(exc), hint="see `cryomamba token --help`") from None
-    print(token)
-    return 0
-
-
-def _cmd_backup(args: argparse.Namespace, ui: _UI) -> int:
-    from .server import backup
-
-    if args.action == "verify":
-        if args.backup is None:
-            raise _UsageError("backup verify needs the backup: `cryomamba backup verify B`")
-        path = backup.resolve_backup(args.backup)
-        manifest, problems = backup.verify_backup(path)
-        for problem in problems:
-            ui.err.print(escape(problem), soft_wrap=True)
-        if problems:
-            raise backup.BackupError(
-                f"backup {path} is damaged: {len(problems)} problem(s)",
-                hint="restore an older backup; take a new one once the cause is fixed",
-            )
-        files = manifest["files"].values()
-        print(f"ok: {path}: {len(files)} files, {sum(f['size'] for f in files)} bytes verified")
-        return 0
-    if args.backup is not None or args.to is None:
-        raise _UsageError(
-            "backup needs --to B (or `backup verify B`)",
-            hint="cryomamba backup --data-dir D --to B [--keep N]",
-        )
-    summary = backup.create_backup(args.data_dir, args.to, keep=args.keep)
-    for old in summary.removed:
-        ui.err.print(f"removed old backup {escape(str(old))}", soft_wrap=True)
-    print(summary.path)
-    return 0
-
-
-def _cmd_restore(args: argparse.Namespace, ui: _UI) -> int:
-    from .server.backup import restore_backup
-
-    used = restore_backup(args.backup, args.data_dir)
-    print(f"restored {used} into {args.data_dir}")
-    return 0
-
-
-def _cmd_info(args: argparse.Namespace, ui: _UI) -> int:
-    with cm.Volume.open(args.input) as volume:
-        meta = volume.describe()
-    if args.json:
-        print(json.dumps(_jsonable(meta), indent=2))
-        return 0
-    table = Table(title=escape(str(args.input)), show_header=False, title_justify="left")
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
-    for key, value in meta.items():
-        table.add_row(key.replace("_", " "), _fmt_meta(key, value, meta))
-    ui.out.print(table)
-    return 0
-
-
-def _cmd_models(args: argparse.Namespace, ui: _UI) -> int:
-    table = Table("name", "labels", "description", "path")
-    table.columns[0].no_wrap = True
-    table.columns[3].overflow = "fold"
-    for spec in cm.available_models():
-        try:
-            labels = ", ".join(f"{v} {n}" for v, n in sorted(spec.labels().items()) if v)
-        except cm.ModelError as exc:
-            labels = f"[red]unavailable:[/] {escape(exc.message)}"
-        table.add_row(spec.name, labels, escape(spec.description), escape(str(spec.path)))
-    ui.out.print(table)
-    ui.out.print(
-        "A real model: pass an nnU-Net v2 trained-model folder (dataset.json, plans.json, "
-        "fold_*/checkpoint_final.pth) as --model PATH, or put such folders under "
-        "$CRYOMAMBA_MODELS_DIR to list them here by name.",
-        highlight=False,
-    )
-    return 0
-
-
-def _cmd_synth(args: argparse.Namespace, ui: _UI) -> int:
-    from .synth import write_mrc
-
-    tomo = _synthesize(args.shape, seed=args.seed, snr=args.snr, voxel_size=args.voxel_size)
-    for path in (args.out, args.labels):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    out, labels = write_mrc(tomo, args.out, labels=args.labels or False)
-    shape = " × ".join(map(str, tomo.shape))
-    ui.out.print(f"wrote {escape(str(out))} ({shape}, {tomo.voxel_size:g} Å, seed {tomo.seed})")
-    if labels is not None:
-        ui.out.print(f"wrote {escape(str(labels))} (0 background, 1 membrane, 2 particle)")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace, ui: _UI) -> int:
-    from .synth import write_mrc
-
-    config = cm.JobConfig(model=args.model, device=args.device)
-    spec = cm.resolve_model(config.model)
-    membrane = next((v for v, n in spec.labels().items() if n == "membrane"), 1)
-    check_output_dir(args.out)
-    _check_device(config.device)
-    with ui.err.status("synthesising a tomogram…"):
-        tomo = _synthesize(args.shape, seed=args.seed, snr=1.0, voxel_size=10.0)
-        args.out.mkdir(parents=True, exist_ok=True)
-        tomogram, _ = write_mrc(tomo, args.out / "tomogram.mrc")
-    ui.out.print(f"wrote {escape(str(tomogram))} (synthetic, seed {args.seed})")
-    with cm.Volume.open(tomogram) as volume:
-        result = _segment_and_save(ui, volume, config, spec.name, args.out)
-    predicted, truth = np.asarray(result.labels) == membrane, tomo.labels == 1
-    total = int(predicted.sum()) + int(truth.sum())
-    dice = 2.0 * int((predicted & truth).sum()) / total if total else 1.0
-    ui.out.print(f"Dice (membrane vs. ground truth): {dice:.3f}")
-    return 0
-
-
-def _run_job(ui: _UI, volume: cm.Volume, config: cm.JobConfig) -> cm.Segmentation:
-    """Submit, follow the job with a progress bar and return its result; Ctrl-C cancels it."""
-    job = cm.submit(volume, config)
-    columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn())
-    times = (rp.TextColumn("tiles"), rp.TimeElapsedColumn(), rp.TimeRemainingColumn())
-    try:
-        with rp.Progress(*columns, *times, console=ui.err, disable=ui.quiet) as progress:
-            _follow(job, progress, progress.add_task("loading model", total=None))
-    except KeyboardInterrupt:
-        job.cancel()
-        ui.err.print("canceling…")
-        try:
-            job.wait(60)
-        except KeyboardInterrupt:
-            pass  # a second Ctrl-C: stop waiting
-        raise cm.JobCanceledError("canceled") from None
-    return job.result()
-
-
-def _follow(job: cm.Job, progress: rp.Progress, task: rp.TaskID) -> None:
-    """Drive the bar from Progress events until the job ends."""
-    logged = -1
-    try:
-        for event in job.events():
-            if isinstance(event, cm.Progress) and event.tiles_total:
-                done, total = event.tiles_done, event.tiles_total
-                progress.update(task, description="segmenting", total=total, completed=done)
-                if 10 * done // total > logged:  # a log line every 10 %, for non-terminals
-                    logged = 10 * done // total
-                    log.info("%d/%d tiles", done, total)
-    finally:
-        if job.state != cm.JobState.COMPLETED:
-            progress.live.transient = True  # a failed or canceled job leaves no bar behind
-
-
-def _segment_and_save(
-    ui: _UI, volume: cm.Volume, config: cm.JobConfig, model: str, out: Path
-) -> cm.Segmentation:
-    """Run the job, write the artifacts into `out`, print what was found and written."""
-    result = _run_job(ui, volume, config)
-    paths = result.save(out, config.formats)
-    if ui.quiet:
-        for path in paths.values():
-            ui.out.print(escape(str(path)), soft_wrap=True)
-        return result
-    shape = " × ".join(map(str, volume.shape))
-    source = escape(volume.path.name if volume.path else "the volume")
-    ui.out.print(f"segmented [bold]{source}[/] ({shape}) with {escape(model)}")
-    ui.out.print(escape(_job_summary(result.provenance, config)))
-    table = Table("label", "name", "voxels", "volume nm³", "surface nm²", "components")
-    for e in result.stats["labels"]:
-        numbers = (e["voxel_count"], e["volume_nm3"], e["surface_area_nm2"], e["components"])
-        table.add_row(str(e["label"]), escape(e["name"]), *(f"{n:,.0f}" for n in numbers))
-    ui.out.print(table if table.row_count else "no foreground: every voxel is background")
-    ui.out.print("wrote:")
-    for path in paths.values():
-        ui.out.print(f"  {escape(str(path))}", soft_wrap=True)
-    return result
-
-
-def _job_summary(provenance: dict[str, Any], config: cm.JobConfig) -> str:
-    """How the job ran, from its provenance (the numbers stats.json holds): device,
-    precision, tile step, mirroring (TTA) and seconds, model loading included."""
-    ran = {**config.to_dict(), **provenance.get("config", {})}
-    seconds = provenance.get("seconds")
-    parts = [
-        f"device {provenance.get('device', config.device)}",
-        "fp16" if ran.get("fp16") else "float32",
-        f"tile step {ran.get('tile_step', config.tile_step):g}",
-        f"mirroring (TTA) {'on' if ran.get('mirroring') else 'off'}",
-    ]
-    if isinstance(seconds, (int, float)):
-        parts.append(f"{seconds:.1f} s")
-    return ", ".join(parts)
-
-
-def _synthesize(shape: tuple[int, int, int], **kwargs: Any) -> Any:
-    from .synth import synthesize
-
-    try:
-        return synthesize(shape, **kwargs)
-    except cm.CryoMambaError:
-        raise
-    except ValueError as exc:
-        raise cm.ConfigError(str(exc), hint="see `cryomamba synth --help`") from None
-
-
-def _fmt_meta(key: str, value: Any, meta: dict[str, Any]) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (list, tuple)):
-        sep = " × " if all(isinstance(v, (int, float)) for v in value) else "; "
-        text = sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-        if key in ("voxel_size", "origin"):
-            text += " Å" if meta.get("voxel_size_known", True) else " Å (unknown)"
-        return escape(text) or "—"
-    return (
-        "—" if value is None else f"{value:g}" if isinstance(value, float) else escape(str(value))
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 class _MessageOnly(logging.Formatter):
     """Without --debug, a logged exception shows its message, never its traceback."""
 
@@ -565,7 +242,7 @@ def _logging(verbose: int, debug: bool, console: Console) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _report(ui: _UI, exc: BaseException, debug: bool) -> int:
+def _report(ui: UI, exc: BaseException, debug: bool) -> int:
     """Print one `error:` line (and a `hint:` line); return the exit code."""
     if debug:
         ui.err.print(Text("".join(traceback.format_exception(exc))), soft_wrap=True)
@@ -595,17 +272,17 @@ def _report(ui: _UI, exc: BaseException, debug: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]) and return the exit code."""
     quiet_openmp()  # before anything loads torch
-    ui = _UI()
+    ui = UI()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help and --version exit 0 from inside argparse
         return exc.code if isinstance(exc.code, int) else 0
-    except _UsageError as exc:
+    except UsageError as exc:
         return _report(ui, exc, debug=False)
     ui.quiet = getattr(args, "quiet", False)
     debug = getattr(args, "debug", False)
-    if args.run is _cmd_serve:  # the server logs JSON lines its own way (docs/server.md)
-        return _cmd_serve(args, ui)
+    if args.run is run_serve:  # the server logs JSON lines its own way (docs/server.md)
+        return run_serve(args, ui)
     with _logging(getattr(args, "verbose", 0), debug, ui.err):
         try:
             return args.run(args, ui)

@@ -4,8 +4,8 @@ All layer updates go through `cryomamba.sinks.NapariSink` (preview while the job
 full mask at the end). The widget itself only follows the job's events for its progress bar,
 status line and stats table. Blocking work (the job's event stream, the server's info, saving
 files) runs on plain threads, and results come back to the Qt main thread through a queued
-signal, so the UI never waits on the network or on inference. (superqt's `thread_worker`
-is not used: it swaps the process-wide `warnings` hooks while it runs.)
+signal (`_background`), so the UI never waits on the network or on inference. The export row
+lives in `_export`, the texts the widget shows in `_texts`.
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from napari.layers import Image
-from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Signal, Slot
+from napari.utils.notifications import show_error
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -42,23 +40,19 @@ from qtpy.QtWidgets import (
 )
 
 import cryomamba as cm
-from cryomamba.spacing import header_trusted, model_voxel_size, spacings_match
+from cryomamba.spacing import model_voxel_size
 
+from ._background import Background
 from ._connection import describe_server, fetch_server_info
+from ._export import EXPORTS, ExportRow, export_result
 from ._stats_table import StatsTable
+from ._texts import describe_spacing, error_text, format_eta
 
 __all__ = ["EXPORTS", "CryoMambaWidget", "format_eta", "job_source"]
 
 log = logging.getLogger(__name__)
 
 LOCAL, SERVER = "Local", "Server"
-EXPORTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("MRC", ("mrc",)),
-    ("NIfTI", ("nifti",)),
-    ("NRRD", ("nrrd",)),
-    ("stats.json", ("stats",)),
-)
-"""Export buttons: label → `Segmentation.save` formats."""
 
 
 def job_source(layer: Image) -> Any:
@@ -83,72 +77,6 @@ def job_source(layer: Image) -> Any:
     )
 
 
-def describe_spacing(
-    layer: Image | None, model: tuple[float, float, float] | None, override: float | None
-) -> str:
-    """'tomogram 7.84 Å · model 10 Å: resampled to the model's', for the spacing row."""
-    if layer is None:
-        return ""
-    meta = layer.metadata if isinstance(layer.metadata, dict) else {}
-    image = tuple(float(v) for v in meta.get("voxel_size", layer.scale))
-    trusted = header_trusted(image, bool(meta.get("voxel_size_known", True)))
-    if override:
-        tomo, used = f"{override:g} Å (set here)", (override,) * 3
-    elif trusted:
-        tomo, used = f"{_angstrom(image)} Å", image
-    else:
-        tomo, used = "unknown (header 0 or 1 Å)", None
-    text = f"tomogram {tomo} · model {_angstrom(model) + ' Å' if model else '?'}"
-    if model is None:
-        return text
-    if used is None:
-        if meta.get("path"):
-            return f"{text}: set the voxel size, or the job is refused"
-        return f"{text}: taken to be at the model's"
-    if spacings_match(used, model):
-        return f"{text}: no resampling"
-    return f"{text}: resampled to the model's and back"
-
-
-def _angstrom(values: Sequence[float]) -> str:
-    return f"{values[0]:g}" if len(set(values)) == 1 else "×".join(f"{v:g}" for v in values)
-
-
-def format_eta(seconds: float | None) -> str:
-    """'about 40 s left', 'about 3 min left', 'about 1 h 05 min left'; '' while unknown."""
-    if seconds is None or not np.isfinite(seconds) or seconds < 0:
-        return ""
-    s = round(seconds)
-    if s < 60:
-        return f"about {s} s left"
-    if s < 3600:
-        return f"about {round(s / 60)} min left"
-    return f"about {s // 3600} h {s % 3600 // 60:02d} min left"
-
-
-def _message(exc: BaseException) -> str:
-    """'message — hint', the form the reader and `NapariSink` use in their notifications too."""
-    if isinstance(exc, cm.CryoMambaError):
-        message, hint = exc.message, exc.hint
-    else:  # not one of ours: a bug somewhere, say what it was
-        message, hint = f"{type(exc).__name__}: {exc}", ""
-    return f"{message} — {hint}" if hint else message
-
-
-class _Relay(QObject):
-    """Carries `(callback, value)` from worker threads to the Qt main thread (queued)."""
-
-    call = Signal(object, object)
-
-    def __init__(self, parent: QObject) -> None:
-        super().__init__(parent)  # lives in the main thread, so its slot runs there
-        self.call.connect(self._deliver)
-
-    @Slot(object, object)
-    def _deliver(self, fn: Callable[[Any], None], value: Any) -> None:
-        fn(value)
-
-
 class CryoMambaWidget(QWidget):
     """Dock widget: image layer, local or server, model and parameters, run, progress, results."""
 
@@ -158,10 +86,8 @@ class CryoMambaWidget(QWidget):
         self.job: cm.Job | None = None
         self.result: cm.Segmentation | None = None
         self.server_info: dict[str, Any] | None = None
-        self._relay = _Relay(self)
-        self._threads: list[threading.Thread] = []
+        self._background = Background(self)
         self._started_at = 0.0
-        self._export_dir = str(Path.home())
         self._build()
         # Closing the viewer deletes the widget: cancel its job then. The slot must not hold
         # the widget itself (it is being destroyed), so it gets the job through a holder.
@@ -251,15 +177,8 @@ class CryoMambaWidget(QWidget):
         self.status_label.setWordWrap(True)
 
         self.stats_table = StatsTable()
-        self.export_buttons: dict[str, QPushButton] = {}
-        exports = QHBoxLayout()
-        for label, formats in EXPORTS:
-            button = QPushButton(label)
-            button.setEnabled(False)
-            button.setToolTip(f"save {', '.join(formats)} of the last result into a folder")
-            button.clicked.connect(lambda _=False, f=formats: self._export_clicked(f))
-            exports.addWidget(button)
-            self.export_buttons[label] = button
+        self.exports = ExportRow(self, self.export, self._background.call)
+        self.export_buttons = self.exports.buttons
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -269,7 +188,7 @@ class CryoMambaWidget(QWidget):
         layout.addWidget(QLabel("Results"))
         layout.addWidget(self.stats_table)
         layout.addWidget(QLabel("Export"))
-        layout.addLayout(exports)
+        layout.addLayout(self.exports)
         layout.addStretch(1)
 
         self.mode_combo.currentTextChanged.connect(self._on_mode_changed)
@@ -344,7 +263,7 @@ class CryoMambaWidget(QWidget):
         token = self.token_edit.text().strip() or os.environ.get("CRYOMAMBA_TOKEN")
         self.test_button.setEnabled(False)
         self.server_label.setText(f"connecting to {url} …")
-        self._in_background(lambda: fetch_server_info(url, token), self._on_server_info)
+        self._background.call(lambda: fetch_server_info(url, token), self._on_server_info)
 
     def _on_server_info(self, outcome: tuple[str, Any]) -> None:
         self.test_button.setEnabled(True)
@@ -352,7 +271,7 @@ class CryoMambaWidget(QWidget):
         if kind == "error":
             self.server_info = None
             self.server_label.setText(f"not connected: {getattr(value, 'message', value)}")
-            show_error(_message(value))
+            show_error(error_text(value))
             return
         self.server_info = value
         self.server_label.setText(describe_server(value))
@@ -403,23 +322,18 @@ class CryoMambaWidget(QWidget):
             job = cm.submit(source, config, sinks=[sink], **options)
         except Exception as exc:  # a bad setting, an unreadable layer, a missing extra...
             log.info("could not start a job: %s", exc)
-            show_error(_message(exc))
+            show_error(error_text(exc))
             return None
         self.job, self.result = job, None
         self._running_job[:] = [job]
         self._started_at = time.monotonic()
         self.stats_table.show_stats(None)
-        for button in self.export_buttons.values():
-            button.setEnabled(False)
+        self.exports.set_enabled(False)
         self._set_running(True)
         self.progress_bar.setValue(0)
         where = "here" if self.mode == LOCAL else self.url_edit.text().strip()
         self.status_label.setText(f"starting on {where} …")
-        thread = threading.Thread(
-            target=self._follow, args=(job,), name=f"cryomamba-widget-{job.id[:8]}", daemon=True
-        )
-        self._threads.append(thread)
-        thread.start()
+        self._background.start(self._follow, job, name=f"cryomamba-widget-{job.id[:8]}")
         return job
 
     def cancel(self) -> None:
@@ -433,15 +347,15 @@ class CryoMambaWidget(QWidget):
             for event in job.events():
                 stats: Any = None
                 if isinstance(event, cm.Completed) and event.result is not None:
-                    self._post(self._on_status, (job, "computing statistics …"))
+                    self._background.post(self._on_status, (job, "computing statistics …"))
                     try:
                         stats = event.result.stats
                     except Exception as exc:
                         stats = exc
-                self._post(self._on_event, (job, event, stats))
+                self._background.post(self._on_event, (job, event, stats))
         except Exception as exc:  # never leave the widget waiting for an end that won't come
             log.exception("following job %s failed", job.id)
-            self._post(self._on_follow_error, (job, exc))
+            self._background.post(self._on_follow_error, (job, exc))
 
     def _on_status(self, item: tuple[cm.Job, str]) -> None:
         if item[0] is self.job:
@@ -453,7 +367,7 @@ class CryoMambaWidget(QWidget):
         if job is self.job:
             self._set_running(False)
             self.status_label.setText(f"failed: {exc}")
-        show_error(_message(exc))
+        show_error(error_text(exc))
 
     def _on_event(self, item: tuple[cm.Job, cm.Event, Any]) -> None:
         job, event, stats = item
@@ -471,11 +385,10 @@ class CryoMambaWidget(QWidget):
             self.result = event.result
             took = time.monotonic() - self._started_at
             if isinstance(stats, Exception):
-                show_error(_message(stats))
+                show_error(error_text(stats))
                 stats = None
             self.stats_table.show_stats(stats)
-            for button in self.export_buttons.values():
-                button.setEnabled(self.result is not None)
+            self.exports.set_enabled(self.result is not None)
             self.status_label.setText(f"done in {took:.1f} s")
         elif isinstance(event, cm.Failed):  # NapariSink shows it as a notification
             self._set_running(False)
@@ -490,57 +403,14 @@ class CryoMambaWidget(QWidget):
         for w in (self.mode_combo, self.layer_combo, self.test_button):
             w.setEnabled(not running)
 
-    # -- export -------------------------------------------------------------------------------
+    # -- export and threads -------------------------------------------------------------------
     def export(self, folder: str | os.PathLike, formats: Sequence[str]) -> dict[str, Path]:
         """Save the last result into `folder` (e.g. formats=["mrc", "stats"]); returns the paths."""
-        if self.result is None:
-            raise cm.OutputError(
-                "there is no result to export yet", hint="run a segmentation first"
-            )
-        return self.result.save(folder, formats=list(formats))
-
-    def _export_clicked(self, formats: tuple[str, ...]) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Export to folder", self._export_dir)
-        if not folder:
-            return
-        self._export_dir = folder
-        self._in_background(lambda: self.export(folder, formats), self._on_exported)
-
-    def _on_exported(self, outcome: tuple[str, Any]) -> None:
-        kind, value = outcome
-        if kind == "error":
-            show_error(_message(value))
-        else:
-            show_info("CryoMamba: wrote " + ", ".join(str(p) for p in value.values()))
-
-    # -- threads ------------------------------------------------------------------------------
-    def _in_background(self, fn: Callable[[], Any], done: Callable[[tuple[str, Any]], None]):
-        """Run `fn` on a thread; `done(("ok", value) | ("error", exc))` runs on the main thread."""
-
-        def target() -> None:
-            try:
-                outcome: tuple[str, Any] = ("ok", fn())
-            except Exception as exc:
-                outcome = ("error", exc)
-            self._post(done, outcome)
-
-        thread = threading.Thread(target=target, name="cryomamba-widget", daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _post(self, fn: Callable[[Any], None], value: Any) -> None:
-        try:
-            self._relay.call.emit(fn, value)
-        except RuntimeError:  # the widget is gone (viewer closed): nobody to tell
-            log.debug("widget deleted; dropping %r", value)
+        return export_result(self.result, folder, formats)
 
     def wait_for_threads(self, timeout: float = 60.0) -> bool:
         """Join the widget's worker threads (for tests and shutdown); True if all ended."""
-        deadline = time.monotonic() + timeout
-        for thread in list(self._threads):
-            thread.join(max(0.0, deadline - time.monotonic()))
-        self._threads = [t for t in self._threads if t.is_alive()]
-        return not self._threads
+        return self._background.wait(timeout)
 
 
 def _set_items(combo: QComboBox, items: Sequence[str]) -> None:
