@@ -212,6 +212,9 @@ def main() -> None:
         help="cases: which (default all); NAME:ZxYxX for another volume shape",
     )
     parser.add_argument("--tile-batch", default="auto", help="cases, previews: our tile_batch")
+    parser.add_argument(
+        "--compile", action="store_true", help="cases: also ours with torch.compile (opt-in)"
+    )
     parser.add_argument("--preview-shape", default="128x256x256", help="previews: volume shape")
     args = parser.parse_args()
     from cryomamba.models import resolve_model

@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--folds", type=_folds, default=None, help="e.g. 0,1 (default: every fold)")
     add("--tile-batch", **TILE_BATCH_OPTION)
+    add("--compile", action="store_true", help="torch.compile the network (opt-in; see docs)")
     add(
         "--voxel-size",
         type=_voxel_size,
@@ -238,6 +239,7 @@ def _cmd_segment(args: argparse.Namespace, ui: _UI) -> int:
         "mirroring",
         "device",
         "tile_batch",
+        "compile",
         "formats",
         "voxel_size",
         "resample",

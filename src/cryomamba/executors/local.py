@@ -134,6 +134,7 @@ class LocalExecutor:
             mirroring=config.mirroring,
             tile_batch="auto" if config.tile_batch == "auto" else int(config.tile_batch),
             fp16=config.fp16,
+            compile=config.compile,
         )
         spacing = _decide_spacing(volume, model, config)
         labels = temporary_labels(volume.shape)
