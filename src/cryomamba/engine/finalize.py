@@ -11,7 +11,7 @@ import torch
 from ..errors import CryoMambaError
 from .tiling import TileGrid
 
-__all__ = ["FINALIZE_PLANES", "finalize", "mean_logits"]
+__all__ = ["FINALIZE_PLANES", "argmax_first", "finalize", "mean_logits"]
 
 FINALIZE_PLANES = 4  # output planes divided and arg-maxed at a time: bounded temporaries
 LogitsFn = Callable[[int, torch.Tensor], None]  # (region z0, mean logits (C, n, Y, X))
@@ -35,7 +35,7 @@ def finalize(
         b = min(a + FINALIZE_PLANES, hi)
         pred = mean_logits(logits, weights, a - base, b - base, n_folds)
         pred = pred[:, :, by : by + sy, bx : bx + sx]
-        out_region[a - bz : b - bz] = pred.argmax(0).to(torch.uint8).cpu().numpy()
+        out_region[a - bz : b - bz] = argmax_first(pred).cpu().numpy()
         if on_logits is not None:
             on_logits(a - bz, pred)
 
@@ -57,3 +57,17 @@ def mean_logits(
             code="numerical_overflow",
         )
     return pred
+
+
+def argmax_first(pred: torch.Tensor) -> torch.Tensor:
+    """`pred.argmax(0)` as uint8 (the first maximum on ties, NaN counted as the maximum), by
+    one comparison per class: `torch.argmax` over the class axis took 25-50x longer on CPU
+    (docs/engine.md, levers). At most 255 classes."""
+    best = pred[0]
+    labels = torch.zeros(pred.shape[1:], dtype=torch.uint8, device=pred.device)
+    for c in range(1, pred.shape[0]):
+        labels.masked_fill_(pred[c] > best, c)
+        best = torch.maximum(best, pred[c])  # NaN propagates: caught below
+    if pred.is_floating_point() and bool(torch.isnan(best).any()):
+        return pred.argmax(0).to(torch.uint8)  # a broken network: torch's own NaN rule
+    return labels
