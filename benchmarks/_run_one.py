@@ -54,6 +54,12 @@ def warm_up(engine: str, predictor, model_dir: str, mrc: str) -> None:
 
 def main() -> None:
     engine, mrc, model_dir, step, threads = sys.argv[1:6]
+    if engine.startswith("cryomamba"):  # what `cryomamba segment` does before torch loads
+        from cryomamba.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
+    tag = engine
+    engine = engine.removesuffix("-malloc")  # nnU-Net with the same settings, from glibc's env
     # optional: TTA (0/1), our tile_batch ("auto" or N), folds ("0,1"), a .npy for the labels
     tta = len(sys.argv) > 6 and sys.argv[6] == "1"
     tile_batch = sys.argv[7] if len(sys.argv) > 7 else "auto"
@@ -116,7 +122,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "engine": "cryomamba-compiled" if compiled else engine,
+                "engine": tag,
                 "compile_s": compile_s,
                 "shape": list(vol.shape),
                 "seconds": seconds,

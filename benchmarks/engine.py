@@ -70,8 +70,18 @@ def make_volume(shape: tuple[int, int, int], folder: Path, voxel_size: float = 1
     return path
 
 
+# glibc's environment names for what `cryomamba.allocator.reuse_freed_memory` sets in-process
+MALLOC_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+}
+
+
 def run_one(engine: str, mrc: Path, model: Path, step: float, threads: int, *extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if engine.endswith("-malloc"):  # e.g. "nnunet-malloc": nnU-Net with our allocator settings
+        env |= MALLOC_ENV
     proc = subprocess.run(
         [
             sys.executable,
@@ -214,6 +224,11 @@ def main() -> None:
     parser.add_argument("--tile-batch", default="auto", help="cases, previews: our tile_batch")
     parser.add_argument(
         "--compile", action="store_true", help="cases: also ours with torch.compile (opt-in)"
+    )
+    parser.add_argument(
+        "--nnunet-malloc",
+        action="store_true",
+        help="cases: also nnU-Net with our glibc allocator settings (MALLOC_ENV)",
     )
     parser.add_argument("--preview-shape", default="128x256x256", help="previews: volume shape")
     args = parser.parse_args()

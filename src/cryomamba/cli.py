@@ -32,6 +32,7 @@ from rich.text import Text
 
 import cryomamba as cm
 
+from .allocator import reuse_freed_memory
 from .artifacts import check_output_dir, existing_artifacts
 from .config import DEFAULT_FORMATS, FORMATS, RESAMPLE_MODES, TILE_BATCH_OPTION
 from .threads import quiet_openmp
@@ -597,6 +598,7 @@ def _report(ui: _UI, exc: BaseException, debug: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]) and return the exit code."""
     quiet_openmp()  # before anything loads torch
+    reuse_freed_memory()  # before any thread allocates
     ui = _UI()
     try:
         args = build_parser().parse_args(argv)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from ..allocator import give_back_freed_memory
 from ..errors import CryoMambaError, InvalidVolumeError
 from .batches import Prefetcher, RowBatch, auto_forward_batch, mirror_flips, row_batches, serial
 from .cancel import Canceled
@@ -202,6 +203,7 @@ class StreamingPredictor:
             self._on_logits = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            give_back_freed_memory()  # what the network's activations left free on the heap
         if on_planes is not None and finished[0] < data.shape[0]:
             # planes past the non-zero box (or all of them, when z was transposed) are final now
             on_planes(0 if zmap.transposed_z else finished[0], data.shape[0])
