@@ -15,6 +15,9 @@ import time
 
 def main() -> None:
     mrc, model_dir, threads, interval, tile_batch = sys.argv[1:6]
+    from cryomamba.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as `cryomamba segment` does, before torch loads
     import numpy as np
     import torch
 
