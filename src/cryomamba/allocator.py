@@ -44,9 +44,8 @@ def reuse_freed_memory() -> bool:
     libc = _libc()
     if libc is None or os.environ.get("CRYOMAMBA_MALLOC") == "default":
         return False
-    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
-    ok = libc.mallopt(_M_ARENA_MAX, 1) == 1 and ok
-    return libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE) == 1 and ok
+    settings = ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, _KEEP_FREE))
+    return all([int(libc.mallopt(option, value)) == 1 for option, value in settings])
 
 
 def give_back_freed_memory() -> None:
