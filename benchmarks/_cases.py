@@ -65,7 +65,9 @@ def run_cases(args, bundled: Path, run_one, make_volume) -> None:
         pairs = []
         for i in range(args.repeat):
             pair = {}
-            for engine in ("nnunet", "cryomamba"):
+            engines = ["nnunet", "cryomamba"] + (["cryomamba-compiled"] if args.compile else [])
+            engines += ["nnunet-malloc"] if args.nnunet_malloc else []
+            for engine in engines:
                 labels = args.cache / f"{name}-{engine}.npy"
                 extra = ["1" if tta else "0", args.tile_batch, folds, str(labels)]
                 pair[engine] = run_one(engine, mrc, model, args.step, args.threads, *extra)
@@ -73,6 +75,12 @@ def run_cases(args, bundled: Path, run_one, make_volume) -> None:
             a = np.load(args.cache / f"{name}-nnunet.npy")
             b = np.load(args.cache / f"{name}-cryomamba.npy")
             pair["equal"] = float(np.mean(a == b))
+            if args.compile:
+                c = np.load(args.cache / f"{name}-cryomamba-compiled.npy")
+                pair["equal_compiled"] = float(np.mean(a == c))
+            if args.nnunet_malloc:  # nnU-Net's labels with and without the settings
+                c = np.load(args.cache / f"{name}-nnunet-malloc.npy")
+                pair["equal_malloc"] = float(np.mean(a == c))
             pairs.append(pair)
         rows.append((name, text, tta, folds, pairs))
         print(table(rows, args), flush=True)
@@ -80,6 +88,8 @@ def run_cases(args, bundled: Path, run_one, make_volume) -> None:
         body = (
             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n"
             f"Command: `{_realtime()}python benchmarks/engine.py --only cases {_cases_arg(args)}"
+            f"{'--compile ' if args.compile else ''}"
+            f"{'--nnunet-malloc ' if args.nnunet_malloc else ''}"
             f"--repeat {args.repeat} --threads {args.threads}` (tile step {args.step}, CPU, "
             f"fp32, our tile_batch {args.tile_batch}).\n\n{table(rows, args)}"
         )
@@ -116,6 +126,49 @@ def table(rows, args) -> str:
             f"{statistics.median(ref):.1f} | {statistics.median(ours):.1f} | "
             f"{', '.join(f'{r:.2f}' for r in ratios)} | **{statistics.median(ratios):.2f}×** | "
             f"{cpu:.2f}× | "
+            f"{100 * equal:.3f} % |"
+        )
+    if any("cryomamba-compiled" in p for *_, pairs in rows for p in pairs):
+        lines += ["", compiled_table(rows)]
+    if any("nnunet-malloc" in p for *_, pairs in rows for p in pairs):
+        lines += ["", malloc_table(rows)]
+    return "\n".join(lines)
+
+
+def compiled_table(rows) -> str:
+    """Ours with `compile=True` against nnU-Net in the same runs; compile time apart."""
+    lines = [
+        "| case | nnU-Net s | ours compiled s (compile s, apart) | time ratio, compiled "
+        "| compiled vs ours default | labels equal to nnU-Net's, compiled |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, _, _, _, pairs in rows:
+        ref = statistics.median(p["nnunet"]["seconds"] for p in pairs)
+        ours = statistics.median(p["cryomamba"]["seconds"] for p in pairs)
+        comp = statistics.median(p["cryomamba-compiled"]["seconds"] for p in pairs)
+        compile_s = statistics.median(p["cryomamba-compiled"]["compile_s"] for p in pairs)
+        equal = min(p["equal_compiled"] for p in pairs)
+        lines.append(
+            f"| {name} | {ref:.1f} | {comp:.1f} ({compile_s:.0f}) | **{comp / ref:.2f}×** | "
+            f"{comp / ours:.2f}× | {100 * equal:.3f} % |"
+        )
+    return "\n".join(lines)
+
+
+def malloc_table(rows) -> str:
+    """nnU-Net given the allocator settings our entry points use: how much of our lead they are."""
+    lines = [
+        "| case | nnU-Net s | nnU-Net with our malloc settings s | ours s "
+        "| ours / nnU-Net with them | labels equal |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, _, _, _, pairs in rows:
+        ref = statistics.median(p["nnunet"]["seconds"] for p in pairs)
+        tuned = statistics.median(p["nnunet-malloc"]["seconds"] for p in pairs)
+        ours = statistics.median(p["cryomamba"]["seconds"] for p in pairs)
+        equal = min(p["equal_malloc"] for p in pairs)
+        lines.append(
+            f"| {name} | {ref:.1f} | {tuned:.1f} | {ours:.1f} | **{ours / tuned:.2f}×** | "
             f"{100 * equal:.3f} % |"
         )
     return "\n".join(lines)

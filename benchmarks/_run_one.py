@@ -54,6 +54,12 @@ def warm_up(engine: str, predictor, model_dir: str, mrc: str) -> None:
 
 def main() -> None:
     engine, mrc, model_dir, step, threads = sys.argv[1:6]
+    if engine.startswith("cryomamba"):  # what `cryomamba segment` does before torch loads
+        from cryomamba.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
+    tag = engine
+    engine = engine.removesuffix("-malloc")  # nnU-Net with the same settings, from glibc's env
     # optional: TTA (0/1), our tile_batch ("auto" or N), folds ("0,1"), a .npy for the labels
     tta = len(sys.argv) > 6 and sys.argv[6] == "1"
     tile_batch = sys.argv[7] if len(sys.argv) > 7 else "auto"
@@ -66,6 +72,9 @@ def main() -> None:
     from cryomamba import Volume
 
     vol = Volume.open(mrc)
+    compiled = engine == "cryomamba-compiled"  # ours with torch.compile (opt-in)
+    if compiled:
+        engine = "cryomamba"
     if engine == "cryomamba":
         from cryomamba.engine import StreamingPredictor, TrainedModel
         from cryomamba.engine.output import release_pages, temporary_labels
@@ -73,7 +82,7 @@ def main() -> None:
         model = TrainedModel.load(model_dir, folds=folds)
         batch = tile_batch if tile_batch == "auto" else int(tile_batch)
         predictor = StreamingPredictor(
-            model, tile_step=float(step), mirroring=tta, tile_batch=batch
+            model, tile_step=float(step), mirroring=tta, tile_batch=batch, compile=compiled
         )
         out = temporary_labels(vol.shape)  # what the local executor does
 
@@ -97,7 +106,10 @@ def main() -> None:
                 image, {"spacing": spacing}, None, None, False
             )
 
-    warm_up(engine, predictor, model_dir, mrc)
+    # compiled: every batch size the job uses is compiled first, and timed apart
+    compile_s = predictor.warm_up(vol.shape) if compiled else None
+    if not compiled:
+        warm_up(engine, predictor, model_dir, mrc)
     baseline = rss_kib("VmRSS")
     reset_peak()
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -110,7 +122,8 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "engine": engine,
+                "engine": tag,
+                "compile_s": compile_s,
                 "shape": list(vol.shape),
                 "seconds": seconds,
                 "cpu_seconds": cpu_seconds,

@@ -10,6 +10,7 @@ write a table of ratios into docs/benchmarks.md.
     python benchmarks/engine.py --shapes 64x128x128 --no-write
     python benchmarks/engine.py --only resample       # the resampling rows only
     python benchmarks/engine.py --only cases --repeat 2   # issue 10's cases, alternating
+    python benchmarks/engine.py --only previews --repeat 2  # preview overhead, first preview
 
 The cases (`CASES`): the bundled model without and with TTA, a ResEnc-style model
 (anisotropic patch, transposed axes, 2 folds, TTA) and a network of nnU-Net's default size
@@ -17,6 +18,10 @@ The cases (`CASES`): the bundled model without and with TTA, a ResEnc-style mode
 (`cryomamba.testing.model_folder`), which is all a speed comparison needs. Each case runs
 nnU-Net and ours alternately `--repeat` times; the ratio is taken per pair, and labels are
 compared voxel for voxel.
+
+Preview rows (`--only previews`, `_previews.py`): a local job (what `cryomamba segment`
+runs) with previews off and every second, alternately, each in a fresh process: the overhead
+per pair, and when the first preview came (seconds, fraction of the job, the row of tiles).
 
 Resampling rows: the tomogram is synthesised at 10 Å × ratio (the same scene content in nm)
 and both engines resample it to the model's 10 Å and back. Our engine's overhead is its time
@@ -65,8 +70,18 @@ def make_volume(shape: tuple[int, int, int], folder: Path, voxel_size: float = 1
     return path
 
 
+# glibc's environment names for what `cryomamba.allocator.reuse_freed_memory` sets in-process
+MALLOC_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+}
+
+
 def run_one(engine: str, mrc: Path, model: Path, step: float, threads: int, *extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if engine.endswith("-malloc"):  # e.g. "nnunet-malloc": nnU-Net with our allocator settings
+        env |= MALLOC_ENV
     proc = subprocess.run(
         [
             sys.executable,
@@ -194,7 +209,10 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
     parser.add_argument(
-        "--only", choices=["engine", "resample", "cases"], default=None, help="run one table"
+        "--only",
+        choices=["engine", "resample", "cases", "previews"],
+        default=None,
+        help="run one table",
     )
     parser.add_argument("--repeat", type=int, default=1, help="cases: runs per engine")
     parser.add_argument(
@@ -203,7 +221,16 @@ def main() -> None:
         default=None,
         help="cases: which (default all); NAME:ZxYxX for another volume shape",
     )
-    parser.add_argument("--tile-batch", default="auto", help="cases: our tile_batch")
+    parser.add_argument("--tile-batch", default="auto", help="cases, previews: our tile_batch")
+    parser.add_argument(
+        "--compile", action="store_true", help="cases: also ours with torch.compile (opt-in)"
+    )
+    parser.add_argument(
+        "--nnunet-malloc",
+        action="store_true",
+        help="cases: also nnU-Net with our glibc allocator settings (MALLOC_ENV)",
+    )
+    parser.add_argument("--preview-shape", default="128x256x256", help="previews: volume shape")
     args = parser.parse_args()
     from cryomamba.models import resolve_model
 
@@ -213,6 +240,11 @@ def main() -> None:
         from _cases import run_cases
 
         run_cases(args, model, run_one, make_volume)
+        return
+    if args.only == "previews":
+        from _previews import run_previews
+
+        run_previews(args, model, make_volume)
         return
     if args.only != "engine":
 

@@ -71,7 +71,12 @@ def main() -> None:
     parser.add_argument("--tile-batch", nargs="+", default=["1", "auto"])
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--default-malloc", action="store_true", help="glibc's defaults")
     args = parser.parse_args()
+    from cryomamba.allocator import reuse_freed_memory
+
+    if not args.default_malloc:
+        reuse_freed_memory()  # as the entry points do, before torch loads
     import torch
 
     from cryomamba.models import resolve_model

@@ -37,6 +37,7 @@ def test_frozen():
         ({"model": ""}, "model"),
         ({"checkpoint": "latest.pth"}, "checkpoint"),
         ({"mirroring": "yes"}, "mirroring"),
+        ({"compile": 1}, "compile"),
     ],
 )
 def test_invalid_values_are_refused_with_the_field_named_and_a_hint(changes, phrase):

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from cryomamba.engine.cancel import Canceled
 from cryomamba.engine.device import resolve_device
@@ -156,3 +157,16 @@ def test_cuda_devices_are_checked_against_those_present(monkeypatch):
     with pytest.raises(ConfigError, match="cuda:2") as err:
         resolve_device("cuda:2")
     assert "cuda:0 .. cuda:1" in err.value.hint
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("classes", [1, 2, 3, 5])
+def test_argmax_first_is_torch_argmax_with_ties_and_nan(classes, dtype):
+    from cryomamba.engine.finalize import argmax_first
+
+    rng = np.random.default_rng(classes)
+    pred = torch.from_numpy(rng.integers(-3, 4, size=(classes, 3, 17, 19))).to(dtype)  # ties
+    assert torch.equal(argmax_first(pred), pred.argmax(0).to(torch.uint8))
+    pred[-1, 0, 0, :4] = float("nan")  # a NaN is the maximum for torch: the same here
+    pred[0, 1, 2, 3] = float("nan")
+    assert torch.equal(argmax_first(pred), pred.argmax(0).to(torch.uint8))

@@ -118,3 +118,40 @@ def test_failure_maps_exceptions_the_same_way_for_every_executor():
     bug = failure(KeyError("x"), io_hint="-")
     assert bug.code == "internal_error" and "KeyError" in bug.message and not bug.retryable
     assert is_bug(KeyError("x")) and not is_bug(OSError()) and not is_bug(ModelError("m"))
+
+
+def test_first_preview_comes_with_the_first_slab(tiny_model):
+    """The first preview is sent as soon as the first z-row of tiles is finalized, before the
+    second row's work, whatever `preview_interval_s`; later ones wait for the interval."""
+    import numpy as np
+
+    from cryomamba.engine import StreamingPredictor, TrainedModel
+    from cryomamba.events import Preview, Progress
+    from cryomamba.job import Job
+
+    volume = np.random.default_rng(3).normal(size=(48, 32, 32)).astype(np.float32)
+    grid = StreamingPredictor(TrainedModel.load(tiny_model)).plan(volume.shape)
+    assert len(grid.steps[0]) >= 3  # several slabs, so "the first" means something
+    seen: list[object] = []  # every event, in the order the engine's thread emitted them
+
+    def record(event):
+        seen.append(event)
+        return event
+
+    ex = LocalExecutor()
+    try:  # an interval longer than the job: only the first slab and the end may send one
+        job = Job(record=record)
+        config = JobConfig(model=str(tiny_model), preview_interval_s=3600.0)
+        ex.submit(volume, config, job=job).result(120)
+    finally:
+        ex.close()
+    previews = [i for i, e in enumerate(seen) if isinstance(e, Preview)]
+    past_first_row = next(
+        i
+        for i, e in enumerate(seen)
+        if isinstance(e, Progress) and e.tiles_done > grid.tiles_per_row
+    )
+    assert len(previews) == 2 and previews[0] < past_first_row
+    first, last = seen[previews[0]], seen[previews[-1]]
+    assert 0 < first.planes_done < volume.shape[0] and last.planes_done == volume.shape[0]
+    assert first.labels.shape == last.labels.shape  # the same preview grid, partly filled

@@ -29,6 +29,7 @@ from rich.text import Text
 
 import cryomamba as cm
 
+from .allocator import reuse_freed_memory
 from .cli_data import run_info, run_models, run_synth
 from .cli_segment import run_batch, run_demo, run_segment
 from .cli_server import run_backup, run_restore, run_serve, run_token
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--folds", type=_folds, default=None, help="e.g. 0,1 (default: every fold)")
     add("--tile-batch", **TILE_BATCH_OPTION)
+    add("--compile", action="store_true", help="torch.compile the network (opt-in; see docs)")
     add(
         "--voxel-size",
         type=_voxel_size,
@@ -272,6 +274,7 @@ def _report(ui: UI, exc: BaseException, debug: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]) and return the exit code."""
     quiet_openmp()  # before anything loads torch
+    reuse_freed_memory()  # before any thread allocates
     ui = UI()
     try:
         args = build_parser().parse_args(argv)

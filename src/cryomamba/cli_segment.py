@@ -31,6 +31,7 @@ def run_segment(args: argparse.Namespace, ui: UI) -> int:
         "mirroring",
         "device",
         "tile_batch",
+        "compile",
         "formats",
         "voxel_size",
         "resample",

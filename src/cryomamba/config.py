@@ -68,6 +68,7 @@ class JobConfig:
     fp16: bool = True
     device: str = "auto"
     tile_batch: int | str = "auto"
+    compile: bool = False  # torch.compile the networks: opt-in, labels may differ in near-ties
     preview_interval_s: float = 1.0
     preview_scale: int = 4
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -110,7 +111,7 @@ class JobConfig:
                 hint="0.5 (nnU-Net's default) overlaps tiles by half; below 0.1 the work grows "
                 "as 1/step³ (1,000 tiles over every voxel) for no better mask",
             )
-        for name in ("mirroring", "fp16"):
+        for name in ("mirroring", "fp16", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"{name} must be true or false, got {getattr(self, name)!r}",

@@ -81,6 +81,9 @@ def _rules(
                 {"type": "string", "enum": ["auto"]},
             ],
         },
+        "compile": lambda: {
+            "description": "run the networks through torch.compile (slow first call; opt-in)",
+        },
         "preview_interval_s": lambda: {
             "minimum": 0,
             "description": "seconds between previews; 0 turns them off",

@@ -242,9 +242,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .allocator import reuse_freed_memory
     from .threads import quiet_openmp
 
     quiet_openmp()  # before the first job loads torch
+    reuse_freed_memory()  # before any thread allocates
     parser = argparse.ArgumentParser(prog="python -m cryomamba.serve", description=__doc__)
     add_server_arguments(parser)
     return serve(parser.parse_args(argv))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from .compiled import CompiledNetwork
 
 __all__ = ["TrainedModel"]
 
@@ -43,6 +44,14 @@ class TrainedModel:
     networks: list[torch.nn.Module] = field(repr=False)
     mirror_axes: tuple[int, ...]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _compiled: list[CompiledNetwork] | None = field(default=None, init=False, repr=False)
+
+    def compiled_networks(self) -> list[CompiledNetwork]:
+        """The networks through `torch.compile`, built once per loaded model (so a cached model
+        compiles once, not once per job)."""
+        if self._compiled is None:
+            self._compiled = [CompiledNetwork(net) for net in self.networks]
+        return self._compiled
 
     @property
     def configuration(self) -> dict[str, Any]:
@@ -97,6 +106,7 @@ class TrainedModel:
         for net in self.networks:
             net.to(device)
         self.device = device
+        self._compiled = None  # compiled for the old device
         return self
 
     @classmethod

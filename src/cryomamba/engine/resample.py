@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .finalize import argmax_first
+
 __all__ = ["AxisMap", "LogitsToSource", "ResamplePlan", "ResampledInput"]
 
 _TAP_CUTOFF = 1e-5  # spline weights below this share of a row's largest are dropped
@@ -404,7 +406,7 @@ class LogitsToSource:
         planes: list[torch.Tensor] = []
         while self.written < nz and zmap.last(self.written) < self.received:
             plane = zmap.combine(self.written, self._model.__getitem__)
-            labels.append(plane.argmax(0).to(torch.uint8).cpu().numpy())
+            labels.append(argmax_first(plane).cpu().numpy())
             if self.on_logits is not None:
                 planes.append(plane)
             self.written += 1

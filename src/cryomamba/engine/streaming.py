@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from ..allocator import give_back_freed_memory
 from ..errors import CryoMambaError, InvalidVolumeError
 from .batches import Prefetcher, RowBatch, auto_forward_batch, mirror_flips, row_batches, serial
 from .cancel import Canceled
+from .finalize import FINALIZE_PLANES, LogitsFn, finalize, mean_logits
 from .model import TrainedModel
 from .normalize import IntensityScan, make_normalizer, scan_intensities
 from .resample import LogitsToSource, ResampledInput, ResamplePlan
@@ -32,14 +34,13 @@ __all__ = ["Canceled", "GpuOutOfMemory", "StreamingPredictor"]
 
 log = logging.getLogger(__name__)
 
-_FINALIZE_PLANES = 4  # output planes divided and arg-maxed at a time
 ProgressFn = Callable[[int, int], None]
 PlanesFn = Callable[[int, int], None]
 ReleaseFn = Callable[[int, int], None]
 Normalize = Callable[[np.ndarray], np.ndarray]
+Network = Callable[[torch.Tensor], torch.Tensor]
 TilesIn = Callable[[int, list[tuple[int, int]]], torch.Tensor]  # (z, [(y, x)]) → (n, 1, *patch)
 Finish = Callable[[torch.Tensor, torch.Tensor, int, int], None]  # logits, weights, base, end
-LogitsFn = Callable[[int, torch.Tensor], None]  # (region z0, mean logits (C, n, Y, X))
 
 
 class GpuOutOfMemory(CryoMambaError):
@@ -59,11 +60,14 @@ class StreamingPredictor:
         tile_batch: int | Literal["auto"] = "auto",
         fp16: bool = True,
         prefetch: bool | None = None,
+        compile: bool = False,
     ) -> None:
         """`tile_batch`: samples per network call (a tile, or one mirrored copy of it under
         TTA); "auto" sizes it from free memory (`batches.auto_forward_batch`). `prefetch`:
-        cut the next batch on a background thread while the network runs (None: on a GPU)."""
+        cut the next batch on a background thread while the network runs (None: on a GPU).
+        `compile`: the networks through `torch.compile` (opt-in, module `compiled`)."""
         self.model = model
+        self.networks: Sequence[Network] = model.compiled_networks() if compile else model.networks
         self.tile_step = tile_step
         self.mirroring = mirroring and bool(model.mirror_axes)
         self.device = model.device
@@ -84,6 +88,24 @@ class StreamingPredictor:
         return TileGrid.build(
             (shape[tf[0]], shape[tf[1]], shape[tf[2]]), self.model.patch_size, self.tile_step
         )
+
+    @torch.inference_mode()
+    def warm_up(self, shape: tuple[int, int, int]) -> float:
+        """Each network once, on zeros, for every batch size a job on a volume of `shape` calls
+        it with (a compiled network compiles here); returns the seconds it took."""
+        start = time.perf_counter()
+        samples = 1 + len(self.flips)
+        sizes: set[int] = set()
+        for batch in row_batches(self.plan(shape), self.tiles_per_batch):
+            n = len(batch.tiles) * samples
+            sizes.update(min(self.forward_batch, n - i) for i in range(0, n, self.forward_batch))
+            if batch.last:
+                break  # every row has the same batches
+        for net in self.networks:
+            for n in sorted(sizes):
+                x = torch.zeros((n, 1, *self.model.patch_size), device=self.device)
+                self._forward(net, x)
+        return time.perf_counter() - start
 
     @torch.inference_mode()
     def predict(
@@ -181,6 +203,7 @@ class StreamingPredictor:
             self._on_logits = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            give_back_freed_memory()  # what the network's activations left free on the heap
         if on_planes is not None and finished[0] < data.shape[0]:
             # planes past the non-zero box (or all of them, when z was transposed) are final now
             on_planes(0 if zmap.transposed_z else finished[0], data.shape[0])
@@ -229,7 +252,7 @@ class StreamingPredictor:
             return xt
 
         def finish(logits: torch.Tensor, weights: torch.Tensor, base: int, end: int) -> None:
-            self._finalize(logits, weights, base, end, grid, out_region, n_folds)
+            finalize(logits, weights, base, end, grid, out_region, n_folds, self._on_logits)
             if not zmap.transposed_z:
                 lo, hi = zmap.source_span(base - bz, end - bz, grid.shape[0])
                 if hi > lo:
@@ -276,9 +299,9 @@ class StreamingPredictor:
 
         def finish(logits: torch.Tensor, weights: torch.Tensor, base: int, end: int) -> None:
             lo, hi = max(base, bz), min(end, bz + sz)
-            for a in range(lo, hi, _FINALIZE_PLANES):  # in small blocks: bounded temporaries
-                b = min(a + _FINALIZE_PLANES, hi)
-                mean = self._mean_logits(logits, weights, a - base, b - base, n_folds)
+            for a in range(lo, hi, FINALIZE_PLANES):  # in small blocks: bounded temporaries
+                b = min(a + FINALIZE_PLANES, hi)
+                mean = mean_logits(logits, weights, a - base, b - base, n_folds)
                 to_source.push(a - bz, mean[:, :, by : by + sy, bx : bx + sx])
 
         return tiles_in, finish
@@ -319,7 +342,7 @@ class StreamingPredictor:
                 if cancel is not None and cancel.is_set():
                     raise Canceled
                 z = batch.z
-                for f, net in enumerate(self.model.networks):
+                for f, net in enumerate(self.networks):
                     pred = self._predict(net, xt)
                     with record_function("cryomamba::accumulate"):
                         for i, (y, xx) in enumerate(batch.tiles):
@@ -357,7 +380,7 @@ class StreamingPredictor:
             return Prefetcher(batches, prepare, depth=1, wrap=torch.inference_mode)
         return contextlib.nullcontext(serial(batches, prepare))
 
-    def _predict(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _predict(self, net: Network, x: torch.Tensor) -> torch.Tensor:
         """nnU-Net's `_internal_maybe_mirror_and_predict`: the same flips, summed in the same
         order, but every mirrored copy of the batch goes through the network in one call
         (`forward_batch` samples at most)."""
@@ -374,7 +397,7 @@ class StreamingPredictor:
             prediction /= len(self.flips) + 1
         return prediction
 
-    def _forward(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, net: Network, x: torch.Tensor) -> torch.Tensor:
         """The network on `x`, in calls of at most `forward_batch` samples."""
         with record_function("cryomamba::network"), _autocast(self.device, self.autocast):
             if x.shape[0] <= self.forward_batch:
@@ -382,65 +405,6 @@ class StreamingPredictor:
             else:
                 out = torch.cat([net(part) for part in torch.split(x, self.forward_batch)])
         return out
-
-    def _finalize(
-        self,
-        logits: torch.Tensor,
-        weights: torch.Tensor,
-        base: int,
-        end: int,
-        grid: TileGrid,
-        out_region: np.ndarray,
-        n_folds: int,
-    ) -> None:
-        """Divide, ensemble, arg-max planes [base, end) (padded z) and write the un-padded part."""
-        (bz, by, bx), (sz, sy, sx) = grid.pad_below, grid.shape
-        lo, hi = max(base, bz), min(end, bz + sz)
-        if hi <= lo:
-            return
-        for a in range(lo, hi, _FINALIZE_PLANES):  # in small blocks: bounded temporaries
-            b = min(a + _FINALIZE_PLANES, hi)
-            if self._on_logits is None:
-                out_region[a - bz : b - bz] = self._labels(
-                    logits, weights, a - base, b - base, (by, bx, sy, sx), n_folds
-                )
-                continue
-            pred = self._mean_logits(logits, weights, a - base, b - base, n_folds)
-            pred = pred[:, :, by : by + sy, bx : bx + sx]
-            out_region[a - bz : b - bz] = pred.argmax(0).to(torch.uint8).cpu().numpy()
-            self._on_logits(a - bz, pred)
-
-    @staticmethod
-    def _labels(
-        logits: torch.Tensor,
-        weights: torch.Tensor,
-        a: int,
-        b: int,
-        crop: tuple[int, int, int, int],
-        n_folds: int,
-    ) -> np.ndarray:
-        by, bx, sy, sx = crop
-        pred = StreamingPredictor._mean_logits(logits, weights, a, b, n_folds)
-        return pred[:, :, by : by + sy, bx : bx + sx].argmax(0).to(torch.uint8).cpu().numpy()
-
-    @staticmethod
-    def _mean_logits(
-        logits: torch.Tensor, weights: torch.Tensor, a: int, b: int, n_folds: int
-    ) -> torch.Tensor:
-        """Buffer planes a..b divided by the weight sum per fold, then the fold mean (fp16)."""
-        w = weights[a:b]
-        pred = torch.div(logits[0, :, a:b], w)
-        for f in range(1, n_folds):
-            pred += torch.div(logits[f, :, a:b], w)
-        if n_folds > 1:
-            pred /= n_folds
-        if torch.any(torch.isinf(pred)):
-            raise CryoMambaError(
-                "the network produced infinite logits",
-                hint="the model may be broken or the input far outside its training range",
-                code="numerical_overflow",
-            )
-        return pred
 
 
 class _ZMap:

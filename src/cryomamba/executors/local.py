@@ -7,6 +7,7 @@ on a worker thread; the caller's thread only reads events.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -133,12 +134,14 @@ class LocalExecutor:
             mirroring=config.mirroring,
             tile_batch="auto" if config.tile_batch == "auto" else int(config.tile_batch),
             fp16=config.fp16,
+            compile=config.compile,
         )
         spacing = _decide_spacing(volume, model, config)
         labels = temporary_labels(volume.shape)
         preview = PreviewBuilder(labels, config.preview_scale)
         start = time.monotonic()
-        last_preview = [start]
+        # no preview yet: the first comes with the first finished slab, then one per interval
+        last_preview = [-math.inf]
 
         def on_progress(done: int, total: int) -> None:
             job.emit(
