@@ -436,6 +436,7 @@ def write_readme(out: Path, results: dict) -> None:
     n_params = sum(p.numel() for p in build_network().parameters())
     cmd = "python scripts/train_demo_model.py " + " ".join(rec["argv"])
     n_classic = round(rec["n_train"] * rec.get("classic_fraction", 0))
+    n_noise = round(rec["n_train"] * rec.get("noise_fraction", 0))
     n_random = sum(1 for m in rec["train_volumes"] if m.get("kind") == "random")
     init = rec.get("init")
     init_text = (
@@ -513,8 +514,10 @@ old-generator SNRs and the patches; randomised volume *i* is `synth_random.rando
 weights; another thread count, CPU or torch version may change the last bits of the float
 sums and so the weights.
 
-A small torch loop, not nnU-Net's trainer: a pool of {rec["n_train"]} randomised volumes and
-{n_classic} old-generator volumes (SNR 0.4–2.5, wedge 20–40°) of {TRAIN_SHAPE} voxels, each
+A small torch loop, not nnU-Net's trainer: a pool of {rec["n_train"]} randomised volumes,
+{n_classic} old-generator volumes (SNR 0.4–2.5, wedge 20–40°) and {n_noise} pure-noise volumes
+(`synth_random.NO_CONTENT`: the optics drawn as for the others, nothing in them, all
+background; seeds {NOISE_SEED}..{NOISE_SEED + n_noise - 1}) of {TRAIN_SHAPE} voxels, each
 z-scored as nnU-Net's ZScoreNormalization does at inference; every {rec["refresh_every"]}
 iterations a new randomised volume replaces the oldest one ({n_random} randomised volumes
 in all, seeds 0..{n_random - 1}); random {rec.get("train_patch", PATCH[0])}³ patches (the
@@ -522,8 +525,8 @@ network is fully convolutional; inference uses {PATCH[0]}³), batch {rec["batch_
 patch in three centred on membrane, random flips on every axis (they keep the wedge where
 it is); loss cross-entropy + batch soft Dice; AdamW lr {rec["lr"]:g}, poly decay over
 {rec["iterations"]} iterations. {stopped}Training took {rec["train_wall_s"]:.0f} s wall
-({rec["train_cpu_s"]:.0f} s CPU over all threads) on a 2-core machine shared with other
-jobs (load average 5–22 during the run). No optimizer state is saved.
+({rec["train_cpu_s"]:.0f} s CPU over all threads) on a 2-core machine; docs/demo-model.md
+says what else ran on it. No optimizer state is saved.
 {held_out}
 ## A bigger one, on a GPU
 
