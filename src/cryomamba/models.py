@@ -96,9 +96,10 @@ def cryomamba_register_models(registry: Registry[ModelSpec]) -> None:
         ModelSpec(
             "demo-membrane",
             BUNDLED_MODELS_DIR / "demo-membrane",
-            "demo: membranes at 10 Å/voxel, trained only on synthetic tomograms "
-            "(cryomamba.synth); a first look, not for analysis: it calls ~10 % of pure noise "
-            "membrane and misses band-like membranes (docs/demo-model.md)",
+            "demo: membranes (bilayers or dark bands, 3-8 nm) at 10 Å/voxel, trained only "
+            "on synthetic tomograms (cryomamba.synth_random); a first look, not for "
+            "analysis: it marks strongly low-passed noise and reconstruction streaks as "
+            "membrane (docs/demo-model.md)",
         ),
     )
     extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
