@@ -440,3 +440,12 @@ def test_entry_points_print_the_version():
     if script.exists():  # the console script, where the package is installed
         done = subprocess.run([script, "--version"], capture_output=True, text=True)
         assert (done.returncode, done.stdout.strip()) == (0, expected), done.stderr
+
+
+def test_result_lines_reach_stdout_exactly_as_given(capsys):
+    """Tokens, JSON and paths go out verbatim: no markup, emoji codes or wrapping applied."""
+    from cryomamba.cli_ui import UI
+
+    text = '{"name": ":smile: [bold]x[/bold]", "path": "' + "d/" * 80 + '"}'
+    UI().result(text)
+    assert capsys.readouterr().out == text + "\n"

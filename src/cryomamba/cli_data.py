@@ -21,7 +21,7 @@ def run_info(args: argparse.Namespace, ui: UI) -> int:
     with cm.Volume.open(args.input) as volume:
         meta = volume.describe()
     if args.json:
-        print(json.dumps(_jsonable(meta), indent=2))
+        ui.result(json.dumps(_jsonable(meta), indent=2))
         return 0
     table = Table(title=escape(str(args.input)), show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)

@@ -33,7 +33,7 @@ def run_token(args: argparse.Namespace, ui: UI) -> int:
         raise
     except ValueError as exc:
         raise UsageError(str(exc), hint="see `cryomamba token --help`") from None
-    print(token)
+    ui.result(token)
     return 0
 
 
@@ -53,7 +53,7 @@ def run_backup(args: argparse.Namespace, ui: UI) -> int:
                 hint="restore an older backup; take a new one once the cause is fixed",
             )
         files = manifest["files"].values()
-        print(f"ok: {path}: {len(files)} files, {sum(f['size'] for f in files)} bytes verified")
+        ui.result(f"ok: {path}: {len(files)} files, {sum(f['size'] for f in files)} bytes verified")
         return 0
     if args.backup is not None or args.to is None:
         raise UsageError(
@@ -63,7 +63,7 @@ def run_backup(args: argparse.Namespace, ui: UI) -> int:
     summary = backup.create_backup(args.data_dir, args.to, keep=args.keep)
     for old in summary.removed:
         ui.err.print(f"removed old backup {escape(str(old))}", soft_wrap=True)
-    print(summary.path)
+    ui.result(str(summary.path))
     return 0
 
 
@@ -71,5 +71,5 @@ def run_restore(args: argparse.Namespace, ui: UI) -> int:
     from .server.backup import restore_backup
 
     used = restore_backup(args.backup, args.data_dir)
-    print(f"restored {used} into {args.data_dir}")
+    ui.result(f"restored {used} into {args.data_dir}")
     return 0

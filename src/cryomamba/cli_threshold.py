@@ -58,7 +58,7 @@ def run_threshold(args: argparse.Namespace, ui: Any) -> int:
     rows = {e["name"]: e["voxel_count"] for e in result.stats.get("labels", [])}
     # soft_wrap: a long path must not be wrapped inside the JSON string; no markup: "[...]"
     summary = json.dumps({"mask": str(out), "stats": str(stats_path), "voxels": rows})
-    ui.out.print(summary, soft_wrap=True, markup=False)
+    ui.result(summary)
     return 0
 
 

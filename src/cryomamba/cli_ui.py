@@ -31,3 +31,8 @@ class UI:
         self.out = _Console(highlight=False)
         self.err = _Console(stderr=True, highlight=False)
         self.quiet = quiet
+
+    def result(self, text: str) -> None:
+        """A result line on stdout as it is (no markup, emoji codes or wrapping): tokens, JSON,
+        paths that scripts read back."""
+        self.out.print(text, soft_wrap=True, markup=False, emoji=False, highlight=False)
