@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from cryomamba.synth import synthesize
-from cryomamba.synth_random import NO_CONTENT, randomized
+from cryomamba.synth_random import NO_CONTENT, Factors, randomized
 from cryomamba.testing.model_folder import plans_for
 
 MODEL_NAME = "demo-membrane"
@@ -48,6 +48,10 @@ RANDOM_VAL_SEEDS = (90_000, 90_001, 90_003)
 RANDOM_EVAL_SEED = 100_000
 # Pure-noise volumes (no content, optics drawn as for the others): seeds from NOISE_SEED up.
 NOISE_SEED = 60_000
+# Smooth noise is where the model hallucinates membranes (docs/demo-model.md), so a share of
+# the training volumes have their noise forced to a Gaussian low-pass of LOWPASS_RANGE_A
+# (wider than synth_random's 22-60 Å, so that 60 Å is not the edge of what was seen).
+LOWPASS_RANGE_A = (30.0, 75.0)
 MIRROR_AXES = (0, 1, 2)  # flips keep the missing wedge (around z, in kz-kx) where it is
 
 
@@ -133,18 +137,39 @@ def fg_properties(raws: list[np.ndarray], masks: list[np.ndarray]) -> dict:
     }
 
 
-def random_volume(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def forced_lowpass(seed: int, fraction: float) -> dict:
+    """Factor overrides for volume `seed`: a strong low-pass for `fraction` of the seeds.
+
+    Drawn from its own stream (seed, 1), so the choice does not shift any other draw.
+    """
+    rng = np.random.default_rng([seed, 1])
+    if rng.random() >= fraction:
+        return {}
+    return {"noise": "lowpass", "lowpass_res_a": float(rng.uniform(*LOWPASS_RANGE_A))}
+
+
+def describe(f: Factors) -> str:
+    """The noise spectrum of a volume, for the training record."""
+    return f"lowpass {f.lowpass_res_a:.0f} Å" if f.noise == "lowpass" else f.noise
+
+
+def random_volume(
+    seed: int, lowpass_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """One domain-randomised training volume: (normalised, mask, raw, meta)."""
-    tomo = randomized(TRAIN_SHAPE, seed=seed)
+    tomo = randomized(TRAIN_SHAPE, seed=seed, **forced_lowpass(seed, lowpass_fraction))
     f = tomo.factors
-    meta = {"kind": "random", "seed": seed, "noise": f.noise, "contrast": round(f.contrast, 2)}
+    meta = {"kind": "random", "seed": seed, "noise": describe(f), "contrast": round(f.contrast, 2)}
     return zscore(tomo.volume), (tomo.labels == 1).astype(np.uint8), tomo.volume, meta
 
 
-def noise_volume(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def noise_volume(i: int, lowpass_fraction: float = 0.0) -> tuple:
     """Noise through randomly drawn optics and nothing else: all background."""
-    tomo = randomized(TRAIN_SHAPE, seed=NOISE_SEED + i, **NO_CONTENT)
-    meta = {"kind": "noise", "seed": NOISE_SEED + i, "noise": tomo.factors.noise}
+    seed = NOISE_SEED + i
+    tomo = randomized(
+        TRAIN_SHAPE, seed=seed, **NO_CONTENT, **forced_lowpass(seed, lowpass_fraction)
+    )
+    meta = {"kind": "noise", "seed": seed, "noise": describe(tomo.factors)}
     return zscore(tomo.volume), np.zeros(TRAIN_SHAPE, np.uint8), tomo.volume, meta
 
 
@@ -165,18 +190,19 @@ def classic_volume(i: int, rng: np.random.Generator) -> tuple:
 
 
 def training_data(
-    n: int, n_classic: int, n_noise: int, rng: np.random.Generator
+    n: int, n_classic: int, n_noise: int, lowpass_fraction: float, rng: np.random.Generator
 ) -> tuple[list, list, dict, list]:
     """The starting pool: n randomised volumes (seeds 0..n-1), then n_classic old-style ones
-    and n_noise pure-noise ones (only the first n are ever replaced by fresh volumes)."""
+    and n_noise pure-noise ones (the randomised and noise ones are later replaced by fresh
+    seeds; the old-style ones stay)."""
     images, masks, raws, meta = [], [], [], []
     for i in range(n + n_classic + n_noise):
         if i < n:
-            img, mask, raw, m = random_volume(i)
+            img, mask, raw, m = random_volume(i, lowpass_fraction)
         elif i < n + n_classic:
             img, mask, raw, m = classic_volume(i - n, rng)
         else:
-            img, mask, raw, m = noise_volume(i - n - n_classic)
+            img, mask, raw, m = noise_volume(i - n - n_classic, lowpass_fraction)
         images.append(img)
         masks.append(mask)
         raws.append(raw)
@@ -269,10 +295,12 @@ def train(args: argparse.Namespace, out: Path) -> dict:
         f"generating {args.n_train} + {n_classic} + {n_noise} training volumes {TRAIN_SHAPE} ...",
         flush=True,
     )
-    images, masks, fg_props, meta = training_data(args.n_train, n_classic, n_noise, rng)
+    images, masks, fg_props, meta = training_data(
+        args.n_train, n_classic, n_noise, args.lowpass_fraction, rng
+    )
     vx, vy = val_patches(VAL_SEEDS)
     rvx, rvy = val_patches(RANDOM_VAL_SEEDS, random=True)
-    next_seed = args.n_train
+    next_seed, next_noise = args.n_train, n_noise
     t_data = time.perf_counter() - t0
     print(f"  done in {t_data:.1f} s; membrane fraction {np.mean([m.mean() for m in masks]):.3f}")
 
@@ -291,9 +319,15 @@ def train(args: argparse.Namespace, out: Path) -> dict:
         if args.refresh_every and it % args.refresh_every == 0:
             # a fresh randomised volume replaces the oldest randomised one in the pool
             slot = (next_seed - args.n_train) % args.n_train
-            images[slot], masks[slot], _, m = random_volume(next_seed)
+            images[slot], masks[slot], _, m = random_volume(next_seed, args.lowpass_fraction)
             meta.append(m)
             next_seed += 1
+        if n_noise and args.noise_refresh_every and it % args.noise_refresh_every == 0:
+            # and a fresh pure-noise volume replaces the oldest pure-noise one
+            slot = args.n_train + n_classic + (next_noise - n_noise) % n_noise
+            images[slot], masks[slot], _, m = noise_volume(next_noise, args.lowpass_fraction)
+            meta.append(m)
+            next_noise += 1
         net.train()
         x, y = sample_batch(
             images, masks, args.batch_size, rng, fg_fraction=0.33, patch_size=args.train_patch
@@ -378,6 +412,8 @@ def save_folder(
             "classic_fraction": args.classic_fraction,
             "noise_fraction": args.noise_fraction,
             "refresh_every": args.refresh_every,
+            "noise_refresh_every": args.noise_refresh_every,
+            "lowpass_fraction": args.lowpass_fraction,
             "threads": args.threads,
             "train_wall_s": round(time.perf_counter() - t1, 1),
             "train_cpu_s": round(time.process_time() - c1, 1),
@@ -438,6 +474,19 @@ def write_readme(out: Path, results: dict) -> None:
     n_classic = round(rec["n_train"] * rec.get("classic_fraction", 0))
     n_noise = round(rec["n_train"] * rec.get("noise_fraction", 0))
     n_random = sum(1 for m in rec["train_volumes"] if m.get("kind") == "random")
+    n_noise_all = sum(1 for m in rec["train_volumes"] if m.get("kind") == "noise")
+    n_lowpass = sum(1 for m in rec["train_volumes"] if str(m.get("noise")).startswith("lowpass"))
+    forced = rec.get("lowpass_fraction", 0.0)
+    lowpass_text = (
+        f"For a share of {forced:g} of the randomised and pure-noise seeds (drawn per seed) the "
+        f"noise is forced to a Gaussian low-pass of {LOWPASS_RANGE_A[0]:g}–"
+        f"{LOWPASS_RANGE_A[1]:g} Å, because smooth noise is where the model draws membranes "
+        f"that are not there; {n_lowpass} of the {len(rec['train_volumes'])} volumes had "
+        "low-pass noise, forced or drawn. "
+        if forced
+        else ""
+    )
+    noise_refresh = rec.get("noise_refresh_every", 0)
     init = rec.get("init")
     init_text = (
         f"Fine-tuned, not trained from scratch: the weights started from `{init}`, a copy of "
@@ -517,10 +566,12 @@ sums and so the weights.
 A small torch loop, not nnU-Net's trainer: a pool of {rec["n_train"]} randomised volumes,
 {n_classic} old-generator volumes (SNR 0.4–2.5, wedge 20–40°) and {n_noise} pure-noise volumes
 (`synth_random.NO_CONTENT`: the optics drawn as for the others, nothing in them, all
-background; seeds {NOISE_SEED}..{NOISE_SEED + n_noise - 1}) of {TRAIN_SHAPE} voxels, each
-z-scored as nnU-Net's ZScoreNormalization does at inference; every {rec["refresh_every"]}
-iterations a new randomised volume replaces the oldest one ({n_random} randomised volumes
-in all, seeds 0..{n_random - 1}); random {rec.get("train_patch", PATCH[0])}³ patches (the
+background) of {TRAIN_SHAPE} voxels, each z-scored as nnU-Net's ZScoreNormalization does at
+inference; every {rec["refresh_every"]} iterations a new randomised volume replaces the oldest
+one ({n_random} randomised volumes in all, seeds 0..{n_random - 1}), and every
+{noise_refresh or "∞"} iterations a new pure-noise volume the oldest pure-noise one
+({n_noise_all} in all, seeds {NOISE_SEED}..{NOISE_SEED + n_noise_all - 1}).
+{lowpass_text}Random {rec.get("train_patch", PATCH[0])}³ patches (the
 network is fully convolutional; inference uses {PATCH[0]}³), batch {rec["batch_size"]}, one
 patch in three centred on membrane, random flips on every axis (they keep the wedge where
 it is); loss cross-entropy + batch soft Dice; AdamW lr {rec["lr"]:g}, poly decay over
@@ -545,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed for torch and patch sampling")
-    p.add_argument("--iterations", type=int, default=3000)
+    p.add_argument("--iterations", type=int, default=2600)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument(
@@ -560,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--noise-fraction",
         type=float,
-        default=0.15,
+        default=0.3,
         help="pure-noise volumes (random optics, no content) added, as a fraction of --n-train",
     )
     p.add_argument(
@@ -568,6 +619,19 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=4,
         help="replace one randomised pool volume with a new seed every N iterations (0: never)",
+    )
+    p.add_argument(
+        "--noise-refresh-every",
+        type=int,
+        default=16,
+        help="replace one pure-noise pool volume with a new seed every N iterations (0: never)",
+    )
+    p.add_argument(
+        "--lowpass-fraction",
+        type=float,
+        default=0.4,
+        help=f"randomised and pure-noise volumes whose noise is forced to a low-pass of "
+        f"{LOWPASS_RANGE_A[0]:g}-{LOWPASS_RANGE_A[1]:g} Å",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
@@ -590,7 +654,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n_classic = round(args.n_train * args.classic_fraction)
     n_random = args.n_train + (args.iterations // args.refresh_every if args.refresh_every else 0)
-    if n_classic > min(VAL_SEEDS) or n_random > NOISE_SEED:
+    n_noise = round(args.n_train * args.noise_fraction) + (
+        args.iterations // args.noise_refresh_every if args.noise_refresh_every else 0
+    )
+    if (
+        n_classic > min(VAL_SEEDS)
+        or n_random > NOISE_SEED
+        or NOISE_SEED + n_noise > min(RANDOM_VAL_SEEDS)
+    ):
         p.error("too many training volumes: they would reach the held-out seeds")
     torch.set_num_threads(args.threads)
     # Read when nnunetv2 is imported (lazily, below).

@@ -1,0 +1,89 @@
+"""scripts/train_demo_model.py: same seed, same weights; the low-pass share; a loadable folder.
+
+The bundled model's README promises that the training script is deterministic. These tests
+run the real script for a few iterations (tiny pool, real volumes, the real network) twice
+and compare the weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_forced_lowpass_share_and_range(script: ModuleType) -> None:
+    forced = [script.forced_lowpass(seed, 0.3) for seed in range(2000)]
+    share = np.mean([bool(f) for f in forced])
+    assert 0.26 < share < 0.34
+    res = [f["lowpass_res_a"] for f in forced if f]
+    lo, hi = script.LOWPASS_RANGE_A
+    assert lo <= min(res) < lo + 2 and hi - 2 < max(res) <= hi
+    assert all(f["noise"] == "lowpass" for f in forced if f)
+    assert script.forced_lowpass(7, 0.3) == script.forced_lowpass(7, 0.3)
+    assert not any(script.forced_lowpass(seed, 0.0) for seed in range(200))
+
+
+def test_forcing_lowpass_changes_only_the_noise(script: ModuleType) -> None:
+    seed = next(s for s in range(100) if script.forced_lowpass(s, 0.3))
+    plain = script.random_volume(seed, 0.0)
+    forced = script.random_volume(seed, 0.3)
+    np.testing.assert_array_equal(plain[1], forced[1])  # same membranes, same labels
+    assert plain[3]["contrast"] == forced[3]["contrast"]
+    assert forced[3]["noise"].startswith("lowpass")
+    assert not np.array_equal(plain[0], forced[0])
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights(
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("nnUNet_def_n_proc", "2")  # main() sets it; restored afterwards
+    threads = torch.get_num_threads()
+    argv = [
+        "--iterations", "4", "--n-train", "2", "--classic-fraction", "0.5",
+        "--noise-fraction", "0.5", "--refresh-every", "1", "--noise-refresh-every", "2",
+        "--lowpass-fraction", "0.5", "--log-every", "2", "--eval-snr",
+    ]  # fmt: skip
+    try:
+        for run in ("a", "b"):
+            assert script.main(["--out", str(tmp_path / run), *argv]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (
+        torch.load(tmp_path / run / "fold_0" / "checkpoint_final.pth", weights_only=False)
+        for run in ("a", "b")
+    )
+    assert a["network_weights"].keys() == b["network_weights"].keys()
+    for name, tensor in a["network_weights"].items():
+        assert torch.equal(tensor, b["network_weights"][name]), name
+    record = a["cryomamba_training"]
+    kinds = [m["kind"] for m in record["train_volumes"]]
+    # the pool (2 randomised, 1 old-style, 1 noise), 4 fresh randomised, 2 fresh noise
+    assert kinds.count("random") == 6 and kinds.count("synth") == 1 and kinds.count("noise") == 3
+    assert record["lowpass_fraction"] == 0.5 and record["iterations_done"] == 4
+    # an nnU-Net folder: the predictor loads it, and the README names the command
+    from cryomamba.testing.reference import nnunet_predictor
+
+    predictor = nnunet_predictor(tmp_path / "a")
+    assert predictor.network is not None
+    assert json.loads((tmp_path / "a" / "dataset.json").read_text())["labels"]["membrane"] == 1
+    assert "--lowpass-fraction 0.5" in (tmp_path / "a" / "README.md").read_text()
