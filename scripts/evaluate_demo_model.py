@@ -181,27 +181,33 @@ def evaluate(
     return out
 
 
-def table(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Markdown tables: old vs new, per part."""
-    mean = lambda v: float(np.mean(v))  # noqa: E731
-    lines = ["| held-out synthetic | old Dice | new Dice |", "| --- | ---: | ---: |"]
+def table(sides: list[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown tables, one column per model (named), per part; rows from the last model."""
+    names = [name for name, _ in sides]
+    last = sides[-1][1]
+    head = lambda first: [  # noqa: E731
+        f"| {first} | " + " | ".join(names) + " |",
+        "| --- |" + " ---: |" * len(names),
+    ]
+    row = lambda name, cells: f"| {name} | " + " | ".join(cells) + " |"  # noqa: E731
+    lines = head("held-out synthetic, Dice")
     for part, label in (("synth", "cryomamba.synth"), ("random", "randomised")):
         for name in (
-            k for k in {**CONDITIONS, "SNR 0.5": 0, "SNR 1": 0, "SNR 2": 0} if k in new[part]
+            k for k in {**CONDITIONS, "SNR 0.5": 0, "SNR 1": 0, "SNR 2": 0} if k in last[part]
         ):
-            lines.append(
-                f"| {label}: {name} | {mean(old[part][name]):.3f} | {mean(new[part][name]):.3f} |"
-            )
-    lines += ["", "| pure noise | old: called membrane | new |", "| --- | ---: | ---: |"]
-    for name in new["noise"]:
-        lines.append(f"| {name} | {old['noise'][name]:.3%} | {new['noise'][name]:.3%} |")
-    lines += ["", "| pyseg membrane rendered as | old Dice | new Dice |", "| --- | ---: | ---: |"]
-    for name in new["pyseg"]:
-        lines.append(f"| {name} | {old['pyseg'][name]:.3f} | {new['pyseg'][name]:.3f} |")
+            cells = [f"{np.mean(d[part][name]):.3f}" for _, d in sides]
+            lines.append(row(f"{label}: {name}", cells))
+    lines += ["", *head("pure noise: called membrane")]
+    for name in last["noise"]:
+        lines.append(row(name, [f"{d['noise'][name]:.3%}" for _, d in sides]))
+    lines += ["", *head("pyseg membrane rendered as, Dice")]
+    for name in last["pyseg"]:
+        lines.append(row(name, [f"{d['pyseg'][name]:.3f}" for _, d in sides]))
     lines += [
         "",
-        f"Real crop (tardis, 23.2 Å): called membrane {old['tardis_fraction']:.2%} (old), "
-        f"{new['tardis_fraction']:.2%} (new).",
+        "Real crop (tardis, 23.2 Å), called membrane: "
+        + ", ".join(f"{d['tardis_fraction']:.2%} ({n})" for n, d in sides)
+        + ".",
     ]
     return "\n".join(lines)
 
@@ -216,22 +222,24 @@ def main() -> None:
     parser.add_argument("--conditions", nargs="*", default=[], help="randomised subset")
     parser.add_argument(
         "--table",
-        nargs=2,
-        metavar=("OLD", "NEW"),
-        help="print old vs new from JSON files (several per side: comma-separated, merged)",
+        nargs="+",
+        metavar="NAME=JSON",
+        help="print the tables, a column per model, from JSON files written by --json "
+        "(several per model: comma-separated, merged), e.g. old=a.json new=b.json",
     )
     args = parser.parse_args()
     if args.table:
         sides = []
-        for files in args.table:
+        for spec in args.table:
+            name, _, files = spec.rpartition("=")
             merged: dict[str, Any] = {}
             for p in files.split(","):
                 for key, value in json.loads(Path(p).read_text()).items():
                     merged[key] = (
                         {**merged.get(key, {}), **value} if isinstance(value, dict) else value
                     )
-            sides.append(merged)
-        print(table(sides[0], sides[1]))
+            sides.append((name or f"model {len(sides) + 1}", merged))
+        print(table(sides))
         return
     start = time.time()
     out = evaluate(args.model, args.n, args.overview, set(args.parts.split(",")), args.conditions)

@@ -400,7 +400,7 @@ def save_folder(
         "current_epoch": iteration,
         "cryomamba_training": {
             "script": "scripts/train_demo_model.py",
-            "argv": sys.argv[1:],
+            "argv": args.argv,
             "seed": args.seed,
             "iterations": args.iterations,
             "iterations_done": iteration,
@@ -478,10 +478,10 @@ def write_readme(out: Path, results: dict) -> None:
     n_lowpass = sum(1 for m in rec["train_volumes"] if str(m.get("noise")).startswith("lowpass"))
     forced = rec.get("lowpass_fraction", 0.0)
     lowpass_text = (
-        f"For a share of {forced:g} of the randomised and pure-noise seeds (drawn per seed) the "
-        f"noise is forced to a Gaussian low-pass of {LOWPASS_RANGE_A[0]:g}–"
-        f"{LOWPASS_RANGE_A[1]:g} Å, because smooth noise is where the model draws membranes "
-        f"that are not there; {n_lowpass} of the {len(rec['train_volumes'])} volumes had "
+        f"For a share of {forced:g} of the randomised and pure-noise seeds (drawn per seed)\n"
+        f"the noise is forced to a Gaussian low-pass of {LOWPASS_RANGE_A[0]:g}–"
+        f"{LOWPASS_RANGE_A[1]:g} Å, because smooth\nnoise is where the model draws membranes "
+        f"that are not there; {n_lowpass} of the {len(rec['train_volumes'])} volumes\nhad "
         "low-pass noise, forced or drawn. "
         if forced
         else ""
@@ -569,7 +569,7 @@ A small torch loop, not nnU-Net's trainer: a pool of {rec["n_train"]} randomised
 background) of {TRAIN_SHAPE} voxels, each z-scored as nnU-Net's ZScoreNormalization does at
 inference; every {rec["refresh_every"]} iterations a new randomised volume replaces the oldest
 one ({n_random} randomised volumes in all, seeds 0..{n_random - 1}), and every
-{noise_refresh or "∞"} iterations a new pure-noise volume the oldest pure-noise one
+{noise_refresh or "∞"} iterations a new pure-noise volume replaces the oldest pure-noise one
 ({n_noise_all} in all, seeds {NOISE_SEED}..{NOISE_SEED + n_noise_all - 1}).
 {lowpass_text}Random {rec.get("train_patch", PATCH[0])}³ patches (the
 network is fully convolutional; inference uses {PATCH[0]}³), batch {rec["batch_size"]}, one
@@ -652,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing model folder")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # the README names the command
     n_classic = round(args.n_train * args.classic_fraction)
     n_random = args.n_train + (args.iterations // args.refresh_every if args.refresh_every else 0)
     n_noise = round(args.n_train * args.noise_fraction) + (

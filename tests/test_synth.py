@@ -148,6 +148,8 @@ def test_bundled_demo_model_segments_synthetic_membranes(monkeypatch) -> None:
         tomo.volume[None], {"spacing": [10.0] * 3}, None, None, False
     )
     pred, ref = seg == 1, tomo.labels == 1
-    assert 2 * (pred & ref).sum() / (pred.sum() + ref.sum()) > 0.9
+    # docs/demo-model.md: ~0.91 on this generator since the model was also trained for
+    # smooth noise (0.97 when it was trained on this generator only); a broken one gives < 0.5
+    assert 2 * (pred & ref).sum() / (pred.sum() + ref.sum()) > 0.85
     particles = tomo.labels == 2
     assert (pred & particles).sum() < 0.01 * particles.sum()  # particles are not membranes
