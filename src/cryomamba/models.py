@@ -98,8 +98,8 @@ def cryomamba_register_models(registry: Registry[ModelSpec]) -> None:
             BUNDLED_MODELS_DIR / "demo-membrane",
             "demo: membranes (bilayers or dark bands, 3-8 nm) at 10 Å/voxel, trained only "
             "on synthetic tomograms (cryomamba.synth_random); a first look, not for "
-            "analysis: it marks reconstruction streaks as membrane and misses faint "
-            "membranes in strongly low-passed tomograms (docs/demo-model.md)",
+            "analysis: it marks reconstruction streaks as membrane and is unreliable for "
+            "faint membranes in strongly low-passed tomograms (docs/demo-model.md)",
         ),
     )
     extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
