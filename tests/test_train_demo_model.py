@@ -1,4 +1,5 @@
-"""scripts/train_demo_model.py: same seed, same weights; the low-pass share; a loadable folder.
+"""scripts/train_demo_model.py: same seed, same weights (either memory layout); the low-pass
+share; a loadable folder.
 
 The bundled model's README promises that the training script is deterministic. These tests
 run the real script for a few iterations (tiny pool, real volumes, the real network) twice
@@ -53,8 +54,9 @@ def test_forcing_lowpass_changes_only_the_noise(script: ModuleType) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True], ids=["default-layout", "channels-last"])
 def test_same_seed_same_weights(
-    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channels_last: bool
 ) -> None:
     monkeypatch.setenv("nnUNet_def_n_proc", "2")  # main() sets it; restored afterwards
     threads = torch.get_num_threads()
@@ -62,7 +64,7 @@ def test_same_seed_same_weights(
         "--iterations", "4", "--n-train", "2", "--classic-fraction", "0.5",
         "--noise-fraction", "0.5", "--refresh-every", "1", "--noise-refresh-every", "2",
         "--lowpass-fraction", "0.5", "--log-every", "2", "--eval-snr",
-    ]  # fmt: skip
+    ] + (["--channels-last"] if channels_last else [])  # fmt: skip
     try:
         for run in ("a", "b"):
             assert script.main(["--out", str(tmp_path / run), *argv]) == 0
@@ -80,6 +82,7 @@ def test_same_seed_same_weights(
     # the pool (2 randomised, 1 old-style, 1 noise), 4 fresh randomised, 2 fresh noise
     assert kinds.count("random") == 6 and kinds.count("synth") == 1 and kinds.count("noise") == 3
     assert record["lowpass_fraction"] == 0.5 and record["iterations_done"] == 4
+    assert record["channels_last"] is channels_last
     # an nnU-Net folder: the predictor loads it, and the README names the command
     from cryomamba.testing.reference import nnunet_predictor
 
