@@ -1,8 +1,8 @@
 """The bundled network on a CPU in the default (contiguous) vs the channels-last 3D memory layout.
 
-`scripts/train_demo_model.py` trains in channels-last 3D because oneDNN's CPU convolutions
-take a training step in less time there. This measures that claim side by side in one
-process: a training step (forward, nnU-Net's Dice + CE loss, backward, AdamW step) at the
+`scripts/train_demo_model.py --channels-last` trains in channels-last 3D because oneDNN's
+CPU convolutions take a training step in less time there. This measures that side by side in
+one process: a training step (forward, nnU-Net's Dice + CE loss, backward, AdamW step) at the
 training batch, and an inference call at the engine's batch, each layout alternating with the
 other, median of `--repeat` timings. It also reports how far the two layouts' outputs are
 apart (the layout changes the order of float sums, nothing else).
