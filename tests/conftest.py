@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("nnUNet_def_n_proc", "2")  # before anything imports nnU-Net
 # Tiny test networks gain nothing from two OpenMP threads, and on a busy 2-core machine
@@ -15,6 +18,17 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 REAL_MRC = DATA / "real-mrc"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import scripts/<name>.py (not a package) as module `name`, for tests of a script."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class SlabSpy:
