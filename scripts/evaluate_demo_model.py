@@ -246,6 +246,8 @@ def main() -> None:
         "(several per model: comma-separated, merged), e.g. old=a.json new=b.json",
     )
     args = parser.parse_args()
+    if args.noise_seeds < 1:
+        parser.error(f"--noise-seeds must be at least 1, got {args.noise_seeds}")
     if args.table:
         sides = []
         for spec in args.table:
