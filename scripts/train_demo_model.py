@@ -11,6 +11,8 @@ as nnU-Net's ZScoreNormalization does at inference.
 
 Usage:
     python scripts/train_demo_model.py --out src/cryomamba/bundled_models/demo-membrane --seed 0
+    python scripts/train_demo_model.py --out DIR --channels-last --finetune-iterations 300
+    python scripts/train_demo_model.py --out DIR2 --init DIR --iterations 300 --lr 1e-3  # same
     python scripts/train_demo_model.py --out DIR --eval-only      # evaluate, rewrite README
     python scripts/train_demo_model.py --out DIR --eval-only --eval-snr   # README only
 """
@@ -306,9 +308,11 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     print(f"  done in {t_data:.1f} s; membrane fraction {np.mean([m.mean() for m in masks]):.3f}")
 
     net = build_network(deep_supervision=False)
+    init_record = None
     if args.init is not None:  # fine-tune: start from another model folder's weights
         ckpt = torch.load(args.init / "fold_0" / "checkpoint_final.pth", weights_only=False)
         net.load_state_dict(ckpt["network_weights"])
+        init_record = ckpt.get("cryomamba_training")  # how those weights were made
         print(f"initialised from {args.init}")
     # --channels-last: oneDNN's CPU convolutions take a training step in ~0.77 of the time
     # (benchmarks/train_layout.py); the float sums, and so the weights, come out differently.
@@ -346,7 +350,7 @@ def train(args: argparse.Namespace, out: Path) -> dict:
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if args.save_every and it % args.save_every == 0 and it < args.iterations:
             # a snapshot: the folder as it would be if the run stopped here
-            save_folder(out, net, args, fg_props, meta, it, t1, c1)
+            save_folder(out, net, args, fg_props, meta, it, t1, c1, init_record)
         if it % args.log_every == 0 or it == args.iterations:
             net.eval()
             with torch.no_grad():
@@ -360,7 +364,7 @@ def train(args: argparse.Namespace, out: Path) -> dict:
                 f"lr {sched.get_last_lr()[0]:.2e}  {el:.0f} s ({el / it:.2f} s/iter)",
                 flush=True,
             )
-    save_folder(out, net, args, fg_props, meta, it, t1, c1)
+    save_folder(out, net, args, fg_props, meta, it, t1, c1, init_record)
     t_train = time.perf_counter() - t1
     return {
         "params": n_params,
@@ -380,8 +384,10 @@ def save_folder(
     iteration: int,
     t1: float,
     c1: float,
+    init_record: dict | None = None,
 ) -> None:
-    """Write the nnU-Net model folder with the weights after `iteration` iterations."""
+    """Write the nnU-Net model folder with the weights after `iteration` iterations
+    (`init_record`: the training record of the weights it started from, kept inside)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "fold_0").mkdir(exist_ok=True)
     dataset_json = make_dataset_json(args.n_train)
@@ -413,6 +419,7 @@ def save_folder(
             "lr": args.lr,
             "n_train": args.n_train,
             "init": None if args.init is None else str(args.init),
+            "init_training": init_record,
             "train_patch": args.train_patch,
             "classic_fraction": args.classic_fraction,
             "noise_fraction": args.noise_fraction,
@@ -471,12 +478,45 @@ def evaluate(out: Path, snrs: list[float]) -> dict[float, dict]:
     return results
 
 
+def lineage(record: dict) -> list[dict]:
+    """The training records behind a checkpoint, oldest first (each --init run keeps the
+    record of the weights it started from)."""
+    runs = [record]
+    while runs[0].get("init_training"):
+        runs.insert(0, runs[0]["init_training"])
+    return runs
+
+
+def runs_text(runs: list[dict]) -> str:
+    """How the weights were made, run by run, for the README."""
+    first = runs[0]
+    origin = (
+        "Trained from scratch"
+        if first.get("init") is None
+        else f"Started from the weights of `{first['init']}`, whose record is not kept"
+    )
+    if len(runs) == 1:
+        return f"{origin}. "
+    steps = [
+        f"{origin[0].lower()}{origin[1:]}, {first['iterations']} iterations at lr "
+        f"{first['lr']:g} ({first['train_wall_s']:.0f} s)"
+    ]
+    steps += [
+        f"then {r['iterations']} iterations from those weights with a fresh AdamW and a new "
+        f"poly decay from lr {r['lr']:g} ({r['train_wall_s']:.0f} s)"
+        for r in runs[1:]
+    ]
+    return f"Trained in {len(runs)} runs of this script: " + "; ".join(steps) + ". "
+
+
 def write_readme(out: Path, results: dict) -> None:
     """README.md of the model folder, from the training record in its checkpoint."""
     ckpt = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    rec = ckpt["cryomamba_training"]
+    runs = lineage(ckpt["cryomamba_training"])
+    rec = runs[0]  # the first run: the data, the schedule (later runs re-use its pool)
     n_params = sum(p.numel() for p in build_network().parameters())
-    cmd = "python scripts/train_demo_model.py " + " ".join(rec["argv"])
+    commands = list(dict.fromkeys(" ".join(r["argv"]) for r in runs))
+    cmd = "\n".join("python scripts/train_demo_model.py " + c for c in commands)
     n_classic = round(rec["n_train"] * rec.get("classic_fraction", 0))
     n_noise = round(rec["n_train"] * rec.get("noise_fraction", 0))
     n_random = sum(1 for m in rec["train_volumes"] if m.get("kind") == "random")
@@ -493,29 +533,29 @@ def write_readme(out: Path, results: dict) -> None:
         else ""
     )
     noise_refresh = rec.get("noise_refresh_every", 0)
+    layouts = {bool(r.get("channels_last")) for r in runs}
     layout_text = (
         "The network and its batches were held in the channels-last 3D memory layout\n"
         "(`--channels-last`), faster on a CPU; the default layout gives other weights."
-        if rec.get("channels_last")
+        if layouts == {True}
         else "Default (contiguous) memory layout; `--channels-last` trains faster on a CPU\n"
         "but gives other weights."
+        if layouts == {False}
+        else "Memory layout per run: "
+        + ", ".join("channels-last" if r.get("channels_last") else "default" for r in runs)
+        + "\n(`--channels-last` trains faster on a CPU but gives other weights)."
     )
-    init = rec.get("init")
-    init_text = (
-        f"Fine-tuned, not trained from scratch: the weights started from `{init}`, a copy of "
-        "the previous demo model (commit 9640c46, `git show 9640c46:src/cryomamba/"
-        "bundled_models/demo-membrane/fold_0/checkpoint_final.pth`; 600 iterations of this "
-        "script's previous version on old-generator volumes). "
-        if init
-        else "Trained from scratch. "
-    )
-    done = rec.get("iterations_done", rec["iterations"])
+    init_text = runs_text(runs)
+    train_wall = sum(r["train_wall_s"] for r in runs)
+    train_cpu = sum(r["train_cpu_s"] for r in runs)
+    last = runs[-1]
+    done = last.get("iterations_done", last["iterations"])
     stopped = (
-        f"**The run was stopped after {done} of its {rec['iterations']} iterations** (a "
+        f"**The run was stopped after {done} of its {last['iterations']} iterations** (a "
         "deadline, on a machine shared with other jobs); these weights are the snapshot "
         f"`--save-every` wrote at iteration {done}, so the same command gives them again at "
         f"that iteration. "
-        if done < rec["iterations"]
+        if done < last["iterations"]
         else ""
     )
     rows = "\n".join(
@@ -589,8 +629,8 @@ one ({n_random} randomised volumes in all, seeds 0..{n_random - 1}), and every
 network is fully convolutional; inference uses {PATCH[0]}³), batch {rec["batch_size"]}, one
 patch in three centred on membrane, random flips on every axis (they keep the wedge where
 it is); loss cross-entropy + batch soft Dice; AdamW lr {rec["lr"]:g}, poly decay over
-{rec["iterations"]} iterations. {stopped}Training took {rec["train_wall_s"]:.0f} s wall
-({rec["train_cpu_s"]:.0f} s CPU over all threads) on a 2-core machine; docs/demo-model.md
+{rec["iterations"]} iterations. {stopped}Training took {train_wall:.0f} s wall
+({train_cpu:.0f} s CPU over all threads) on a 2-core machine; docs/demo-model.md
 says what else ran on it. No optimizer state is saved.
 {held_out}
 ## A bigger one, on a GPU
@@ -658,6 +698,15 @@ def main(argv: list[str] | None = None) -> int:
         "--init", type=Path, default=None, help="model folder whose weights to start from"
     )
     p.add_argument(
+        "--finetune-iterations",
+        type=int,
+        default=0,
+        help="then train N more iterations from the weights just made: the same pool and "
+        "seeds, a fresh AdamW and poly decay from --finetune-lr (the same as a second run "
+        "with --init OUT --iterations N --lr LR)",
+    )
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument(
         "--train-patch",
         type=int,
         default=PATCH[0],
@@ -673,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing model folder")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # the README names the command
+    if args.iterations < 1 or args.finetune_iterations < 0:
+        p.error("--iterations must be at least 1 and --finetune-iterations at least 0")
     n_classic = round(args.n_train * args.classic_fraction)
     n_random = args.n_train + (args.iterations // args.refresh_every if args.refresh_every else 0)
     n_noise = round(args.n_train * args.noise_fraction) + (
@@ -690,6 +741,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["nnUNet_def_n_proc"] = str(args.threads)  # noqa: SIM112
     t0 = time.perf_counter()
     summary = {} if args.eval_only else train(args, args.out)
+    if args.finetune_iterations > 0 and not args.eval_only:
+        # A second, short annealing cycle. Run as a second call of train() with the first
+        # call's folder as --init, so that the one command and the two give the same weights.
+        second = {"init": args.out, "iterations": args.finetune_iterations}
+        phase2 = argparse.Namespace(**{**vars(args), **second, "lr": args.finetune_lr})
+        summary = {"first": summary, "finetune": train(phase2, args.out)}
     t_eval = time.perf_counter()
     results = evaluate(args.out, args.eval_snr) if args.eval_snr else {}
     summary["eval_s"] = round(time.perf_counter() - t_eval, 1)

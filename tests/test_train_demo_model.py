@@ -1,5 +1,5 @@
 """scripts/train_demo_model.py: same seed, same weights (either memory layout); the low-pass
-share; a loadable folder.
+share; a loadable folder; a fine-tune cycle in the same command equals a second run.
 
 The bundled model's README promises that the training script is deterministic. These tests
 run the real script for a few iterations (tiny pool, real volumes, the real network) twice
@@ -45,6 +45,17 @@ def test_forcing_lowpass_changes_only_the_noise(script: ModuleType) -> None:
     assert not np.array_equal(plain[0], forced[0])
 
 
+TINY = [
+    "--n-train", "2", "--classic-fraction", "0.5", "--noise-fraction", "0.5",
+    "--refresh-every", "1", "--noise-refresh-every", "2", "--lowpass-fraction", "0.5",
+    "--log-every", "2", "--eval-snr",
+]  # fmt: skip
+
+
+def _weights(folder: Path) -> dict:
+    return torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True], ids=["default-layout", "channels-last"])
 def test_same_seed_same_weights(
@@ -82,3 +93,46 @@ def test_same_seed_same_weights(
     assert predictor.network is not None
     assert json.loads((tmp_path / "a" / "dataset.json").read_text())["labels"]["membrane"] == 1
     assert "--lowpass-fraction 0.5" in (tmp_path / "a" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_finetune_cycle_equals_a_second_run(
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--finetune-iterations N --finetune-lr LR` gives the weights of a second run with
+    `--init` the first's folder, and the folder keeps both runs' records."""
+    monkeypatch.setenv("nnUNet_def_n_proc", "2")
+    threads = torch.get_num_threads()
+    one, first, second = tmp_path / "one", tmp_path / "first", tmp_path / "second"
+    try:
+        script.main(["--out", str(one), "--iterations", "3", *TINY,
+                     "--finetune-iterations", "2", "--finetune-lr", "5e-4"])  # fmt: skip
+        script.main(["--out", str(first), "--iterations", "3", *TINY])
+        script.main(["--out", str(second), "--iterations", "2", *TINY,
+                     "--init", str(first), "--lr", "5e-4"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    a, b, start = _weights(one), _weights(second), _weights(first)
+    for name, tensor in a["network_weights"].items():
+        assert torch.equal(tensor, b["network_weights"][name]), name
+    assert any(
+        not torch.equal(t, start["network_weights"][n]) for n, t in a["network_weights"].items()
+    ), "the fine-tune cycle left the weights as they were"
+    record = a["cryomamba_training"]
+    assert record["iterations"] == 2 and record["lr"] == 5e-4
+    assert record["init_training"]["iterations"] == 3 and record["init_training"]["lr"] == 3e-3
+    assert record["init_training"]["init_training"] is None
+    readme = (one / "README.md").read_text()
+    assert "Trained in 2 runs of this script" in readme and "--finetune-iterations 2" in readme
+    # the two-command form names both commands
+    two = (second / "README.md").read_text()
+    for folder, n in ((first, 3), (second, 2)):
+        assert f"python scripts/train_demo_model.py --out {folder} --iterations {n} " in two
+
+
+def test_iterations_below_one_is_a_usage_error(script: ModuleType, tmp_path: Path) -> None:
+    for argv in (["--iterations", "0"], ["--finetune-iterations", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            script.main(["--out", str(tmp_path / "m"), *argv])
+        assert exc.value.code == 2
+    assert not (tmp_path / "m").exists()
