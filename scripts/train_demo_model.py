@@ -12,7 +12,9 @@ as nnU-Net's ZScoreNormalization does at inference.
 Usage:
     python scripts/train_demo_model.py --out src/cryomamba/bundled_models/demo-membrane --seed 0
     python scripts/train_demo_model.py --out DIR --channels-last --finetune-iterations 300
-    python scripts/train_demo_model.py --out DIR2 --init DIR --iterations 300 --lr 1e-3  # same
+    # the same weights, made in two runs:
+    python scripts/train_demo_model.py --out D1 --channels-last
+    python scripts/train_demo_model.py --out D --channels-last --init D1 --iterations 300 --lr 1e-3
     python scripts/train_demo_model.py --out DIR --eval-only      # evaluate, rewrite README
     python scripts/train_demo_model.py --out DIR --eval-only --eval-snr   # README only
 """
