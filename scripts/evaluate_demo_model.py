@@ -10,7 +10,8 @@ Four parts, all through CryoMamba's engine (`cm.segment`, tile step 0.5, no TTA)
    at three SNRs, and `cryomamba.synth_random` (seeds 100000+, never trained on) with one
    factor fixed at an extreme and the others drawn: membrane Dice;
 2. pure noise of each spectrum (no content at all): the fraction of voxels called membrane
-   (seed 200000; `--noise-seeds K` also runs the next K − 1 seeds);
+   (seed 200000; `--noise-seeds K` also runs the next K − 1 seeds, and `--table` then adds
+   the worst seed of each spectrum);
 3. real membrane geometry: label 1 of ../shared/data/real-mrc/pyseg_tomo22_membrane_labels
    (a segmented vesicle, 50×166×166; its header says 1 Å, a placeholder: the band is ~5
    voxels thick, as a membrane is at ~10 Å/voxel, so it is rendered at 10 Å) rendered as
@@ -212,6 +213,20 @@ def table(sides: list[tuple[str, dict[str, Any]]]) -> str:
     lines += ["", *head("pure noise: called membrane")]
     for name in last["noise"]:
         lines.append(row(name, [f"{d['noise'][name]:.3%}" for _, d in sides]))
+    with_seeds = [(n, d) for n, d in sides if "noise_seeds" in d]
+    if with_seeds:  # models run with --noise-seeds K: the worst seed of each spectrum
+        k = min(len(next(iter(d["noise_seeds"].values()))) for _, d in with_seeds)
+        lines += ["", *head(f"pure noise, worst of seeds 200000–{200_000 + k - 1}")]
+        for name in last["noise"]:
+            lines.append(
+                row(
+                    name,
+                    [
+                        f"{max(d['noise_seeds'][name][:k]):.3%}" if "noise_seeds" in d else "—"
+                        for _, d in sides
+                    ],
+                )
+            )
     lines += ["", *head("pyseg membrane rendered as, Dice")]
     for name in last["pyseg"]:
         lines.append(row(name, [f"{d['pyseg'][name]:.3f}" for _, d in sides]))

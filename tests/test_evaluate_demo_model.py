@@ -26,5 +26,15 @@ def test_bundled_model_leaves_pure_noise_empty(script: ModuleType) -> None:
         assert out["noise"][name] == fractions[0]  # the table shows seed 200000
         assert max(fractions) < 0.002, (name, fractions)
     assert out["pyseg"] == {} and out["random"] == {}  # only the parts asked for ran
-    table = script.table([("bundled", {**out, "tardis_fraction": 0.0})])
+    one_seed = {k: v for k, v in out.items() if k != "noise_seeds"}
+    table = script.table(
+        [
+            ("bundled", {**out, "tardis_fraction": 0.0}),
+            ("one seed", {**one_seed, "tardis_fraction": 0.0}),
+        ]
+    )
     assert "| low-pass 60 Å, ±70° |" in table
+    # a second noise table, the worst seed of each spectrum, "—" for a model run on one seed
+    worst = table.split("worst of seeds 200000–200001")[1].split("\n\n")[0]
+    name = "low-pass 60 Å, ±70°"
+    assert f"| {name} | {max(out['noise_seeds'][name]):.3%} | — |" in worst
