@@ -13,7 +13,7 @@ Four parts, all through CryoMamba's engine (`cm.segment`, tile step 0.5, no TTA)
    (seed 200000; `--noise-seeds K` also runs the next K − 1 seeds, and `--table` then adds
    the worst seed of each spectrum);
 3. real membrane geometry: label 1 of ../shared/data/real-mrc/pyseg_tomo22_membrane_labels
-   (a segmented vesicle, 50×166×166; its header says 1 Å, a placeholder: the band is ~5
+   (a segmented vesicle, 50×166×166; its header says 1 Å, a placeholder: the band is 4–5
    voxels thick, as a membrane is at ~10 Å/voxel, so it is rendered at 10 Å) rendered as
    bilayer or band with several spectra and contrasts: membrane Dice;
 4. ../shared/data/real-mrc/tardis_mrc3D_mode0.mrc (a real tomogram crop, 23.2 Å, no
@@ -114,7 +114,9 @@ def run(model: str, volume: np.ndarray, voxel_size: float = 10.0) -> np.ndarray:
 def render_pyseg(labels: np.ndarray, seed: int, **factors: Any) -> np.ndarray:
     """A tomogram of the pyseg membrane (label 1) rendered with the given factors at 10 Å."""
     mem = labels == MEMBRANE
-    half = 2.75  # nm: the band is ~5.5 voxels thick
+    # d: distance (nm) from the midsurface of a 5.5 nm band whose edge is the label's edge;
+    # the label band is 3.5-5 voxels thick (median 4.7), so inside it d stops short of 0
+    half = 2.75
     inside = ndimage.distance_transform_edt(mem)
     outside = ndimage.distance_transform_edt(~mem)
     d = np.where(mem, np.maximum(half - inside + 0.5, 0.0), half + outside - 0.5)

@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -508,7 +509,8 @@ def runs_text(runs: list[dict]) -> str:
         f"poly decay from lr {r['lr']:g} ({r['train_wall_s']:.0f} s)"
         for r in runs[1:]
     ]
-    return f"Trained in {len(runs)} runs of this script: " + "; ".join(steps) + ". "
+    text = f"Trained in {len(runs)} runs of this script: " + "; ".join(steps) + "."
+    return textwrap.fill(text, width=92) + "\n"
 
 
 def write_readme(out: Path, results: dict) -> None:
