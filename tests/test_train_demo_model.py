@@ -63,20 +63,13 @@ def test_same_seed_same_weights(
 ) -> None:
     monkeypatch.setenv("nnUNet_def_n_proc", "2")  # main() sets it; restored afterwards
     threads = torch.get_num_threads()
-    argv = [
-        "--iterations", "4", "--n-train", "2", "--classic-fraction", "0.5",
-        "--noise-fraction", "0.5", "--refresh-every", "1", "--noise-refresh-every", "2",
-        "--lowpass-fraction", "0.5", "--log-every", "2", "--eval-snr",
-    ] + (["--channels-last"] if channels_last else [])  # fmt: skip
+    argv = ["--iterations", "4", *TINY] + (["--channels-last"] if channels_last else [])
     try:
         for run in ("a", "b"):
             assert script.main(["--out", str(tmp_path / run), *argv]) == 0
     finally:
         torch.set_num_threads(threads)
-    a, b = (
-        torch.load(tmp_path / run / "fold_0" / "checkpoint_final.pth", weights_only=False)
-        for run in ("a", "b")
-    )
+    a, b = (_weights(tmp_path / run) for run in ("a", "b"))
     assert a["network_weights"].keys() == b["network_weights"].keys()
     for name, tensor in a["network_weights"].items():
         assert torch.equal(tensor, b["network_weights"][name]), name
