@@ -113,16 +113,24 @@ def run(model: str, volume: np.ndarray, voxel_size: float = 10.0) -> np.ndarray:
     return np.asarray(result.labels) == MEMBRANE
 
 
+PYSEG_HALF_NM = 2.75  # half the nominal thickness of the rendered band (render_pyseg)
+
+
+def pyseg_factors(**factors: Any) -> Factors:
+    """The factors of a PySeg rendering: a ±60° wedge and a 5.5 nm band unless named."""
+    return Factors(**{"tilt_range_deg": 60.0, "thickness_nm": 2 * PYSEG_HALF_NM, **factors})
+
+
 def render_pyseg(labels: np.ndarray, seed: int, **factors: Any) -> np.ndarray:
     """A tomogram of the pyseg membrane (label 1) rendered with the given factors at 10 Å."""
     mem = labels == MEMBRANE
     # d: distance (nm) from the midsurface of a 5.5 nm band whose edge is the label's edge;
     # the label band is 3.5-5 voxels thick (median 4.7), so inside it d stops short of 0
-    half = 2.75
+    half = PYSEG_HALF_NM
     inside = ndimage.distance_transform_edt(mem)
     outside = ndimage.distance_transform_edt(~mem)
     d = np.where(mem, np.maximum(half - inside + 0.5, 0.0), half + outside - 0.5)
-    f = Factors(**{"tilt_range_deg": 60.0, "thickness_nm": 2 * half, **factors})
+    f = pyseg_factors(**factors)
     shape = labels.shape
     h = transfer(f, shape, 10.0)
     signal = filter_volume(profile(d, f.profile, f.thickness_nm, 1.0).astype(np.float32), h)
@@ -146,9 +154,10 @@ def membrane_probability(model: str, volume: np.ndarray) -> np.ndarray:
 
 def by_threshold(p: np.ndarray, truth: np.ndarray) -> dict[str, list[float]]:
     """Dice and called / true volume of ``p > t`` for each of THRESHOLDS."""
+    masks = {f"{t:g}": p > t for t in THRESHOLDS}
     return {
-        f"{t:g}": [dice(p > t, truth), float(np.count_nonzero(p > t) / truth.sum())]
-        for t in THRESHOLDS
+        t: [dice(mask, truth), float(np.count_nonzero(mask) / truth.sum())]
+        for t, mask in masks.items()
     }
 
 
@@ -157,8 +166,8 @@ def noise_free_reference(labels: np.ndarray, **factors: Any) -> float:
     at the true volume: what the band limit and the wedge alone take away. A reference, not
     a ceiling: under a band-pass (CTF) a model that knows membranes are bands can beat it."""
     mem = labels == MEMBRANE
-    f = Factors(**{"tilt_range_deg": 60.0, **factors})
-    blurred = filter_volume(mem.astype(np.float32), transfer(f, mem.shape, 10.0))
+    optics = transfer(pyseg_factors(**factors), mem.shape, 10.0)
+    blurred = filter_volume(mem.astype(np.float32), optics)
     n = int(mem.sum())
     cut = np.partition(blurred.ravel(), blurred.size - n)[blurred.size - n]
     return dice(blurred >= cut, mem)
@@ -210,10 +219,13 @@ def evaluate(
             labels = np.asarray(m.data, dtype=np.int8)
     for k, (name, factors) in enumerate(RENDERINGS.items() if "pyseg" in parts else ()):
         volume = render_pyseg(labels, 300_000 + k, **factors)
-        out["pyseg"][name] = dice(run(model, volume), labels == MEMBRANE)
+        # p > 0.5 is the arg-max mask exactly, so one model call serves both
+        p = membrane_probability(model, volume) if thresholds else None
+        mask = run(model, volume) if p is None else p > 0.5
+        out["pyseg"][name] = dice(mask, labels == MEMBRANE)
         print(f"pyseg {name}: {out['pyseg'][name]:.3f}", flush=True)
-        if thresholds:  # is the shortfall the drawn thickness, the optics, or the rest?
-            curve = by_threshold(membrane_probability(model, volume), labels == MEMBRANE)
+        if p is not None:  # is the shortfall the drawn thickness, the optics, or the rest?
+            curve = by_threshold(p, labels == MEMBRANE)
             reference = noise_free_reference(labels, **factors)
             out.setdefault("pyseg_thresholds", {})[name] = curve
             out.setdefault("pyseg_noise_free_reference", {})[name] = reference

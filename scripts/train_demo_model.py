@@ -728,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)  # the README names the command
     if args.iterations < 1 or args.finetune_iterations < 0:
         p.error("--iterations must be at least 1 and --finetune-iterations at least 0")
+    if not (args.lr > 0 and args.finetune_lr > 0):
+        p.error(f"--lr and --finetune-lr must be above 0, got {args.lr:g} and {args.finetune_lr:g}")
     n_classic = round(args.n_train * args.classic_fraction)
     n_random = args.n_train + (args.iterations // args.refresh_every if args.refresh_every else 0)
     n_noise = round(args.n_train * args.noise_fraction) + (

@@ -123,8 +123,13 @@ def test_finetune_cycle_equals_a_second_run(
         assert f"python scripts/train_demo_model.py --out {folder} --iterations {n} " in two
 
 
-def test_iterations_below_one_is_a_usage_error(script: ModuleType, tmp_path: Path) -> None:
-    for argv in (["--iterations", "0"], ["--finetune-iterations", "-1"]):
+def test_bad_iterations_or_lr_is_a_usage_error(script: ModuleType, tmp_path: Path) -> None:
+    for argv in (
+        ["--iterations", "0"],
+        ["--finetune-iterations", "-1"],
+        ["--lr", "0"],
+        ["--finetune-lr", "-1e-3"],
+    ):
         with pytest.raises(SystemExit) as exc:
             script.main(["--out", str(tmp_path / "m"), *argv])
         assert exc.value.code == 2
