@@ -61,9 +61,11 @@ LOWPASS_RANGE_A = (30.0, 75.0)
 MIRROR_AXES = (0, 1, 2)  # flips keep the missing wedge (around z, in kz-kx) where it is
 
 
-def make_plans(n_train: int, batch_size: int, fg_props: dict) -> dict:
+def make_plans(
+    n_train: int, batch_size: int, fg_props: dict, features: list[int] = FEATURES
+) -> dict:
     """plans.json content: the PlainConvUNet skeleton CryoMamba's tests use, with our numbers."""
-    plans = plans_for(PATCH, FEATURES, SPACING)
+    plans = plans_for(PATCH, features, SPACING)
     plans["dataset_name"] = "Dataset900_DemoMembrane"
     plans["original_median_shape_after_transp"] = list(TRAIN_SHAPE)
     plans["experiment_planner_used"] = "cryomamba scripts/train_demo_model.py (hand-written plans)"
@@ -106,11 +108,13 @@ def zscore(volume: np.ndarray) -> np.ndarray:
     return image
 
 
-def build_network(deep_supervision: bool = False) -> torch.nn.Module:
-    """The network nnU-Net builds from our plans."""
+def build_network(
+    deep_supervision: bool = False, features: list[int] = FEATURES
+) -> torch.nn.Module:
+    """The network nnU-Net builds from our plans (one stage per entry of `features`)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    arch = plans_for(PATCH, FEATURES, SPACING)["configurations"]["3d_fullres"]["architecture"]
+    arch = plans_for(PATCH, features, SPACING)["configurations"]["3d_fullres"]["architecture"]
     return get_network_from_plans(
         arch["network_class_name"],
         arch["arch_kwargs"],
@@ -310,7 +314,7 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     t_data = time.perf_counter() - t0
     print(f"  done in {t_data:.1f} s; membrane fraction {np.mean([m.mean() for m in masks]):.3f}")
 
-    net = build_network(deep_supervision=False)
+    net = build_network(deep_supervision=False, features=args.features)
     init_record = None
     if args.init is not None:  # fine-tune: start from another model folder's weights
         ckpt = torch.load(args.init / "fold_0" / "checkpoint_final.pth", weights_only=False)
@@ -322,7 +326,7 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     layout = torch.channels_last_3d if args.channels_last else torch.contiguous_format
     net = net.to(memory_format=layout)
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"PlainConvUNet {FEATURES}, patch {PATCH}: {n_params} parameters")
+    print(f"PlainConvUNet {args.features}, patch {PATCH}: {n_params} parameters")
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1 - it / args.iterations) ** 0.9)
     t1, c1 = time.perf_counter(), time.process_time()
@@ -394,7 +398,7 @@ def save_folder(
     out.mkdir(parents=True, exist_ok=True)
     (out / "fold_0").mkdir(exist_ok=True)
     dataset_json = make_dataset_json(args.n_train)
-    plans = make_plans(args.n_train, args.batch_size, fg_props)
+    plans = make_plans(args.n_train, args.batch_size, fg_props, args.features)
     (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2, ensure_ascii=False) + "\n")
     (out / "plans.json").write_text(json.dumps(plans, indent=2, ensure_ascii=False) + "\n")
     # As nnU-Net saves it: the state dict names each shared tensor several times (encoder,
@@ -419,6 +423,7 @@ def save_folder(
             "iterations": args.iterations,
             "iterations_done": iteration,
             "batch_size": args.batch_size,
+            "features": list(args.features),
             "lr": args.lr,
             "n_train": args.n_train,
             "init": None if args.init is None else str(args.init),
@@ -518,7 +523,8 @@ def write_readme(out: Path, results: dict) -> None:
     ckpt = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)
     runs = lineage(ckpt["cryomamba_training"])
     rec = runs[0]  # the first run: the data, the schedule (later runs re-use its pool)
-    n_params = sum(p.numel() for p in build_network().parameters())
+    features = rec.get("features", FEATURES)
+    n_params = sum(p.numel() for p in build_network(features=features).parameters())
     commands = list(dict.fromkeys(" ".join(r["argv"]) for r in runs))
     cmd = "\n".join("python scripts/train_demo_model.py " + c for c in commands)
     n_classic = round(rec["n_train"] * rec.get("classic_fraction", 0))
@@ -602,7 +608,7 @@ arrays (ZYX, spacing in Å).
 
 ## Network
 
-`PlainConvUNet`, {len(FEATURES)} stages, features {FEATURES}, 3×3×3 convolutions, 2 per stage,
+`PlainConvUNet`, {len(features)} stages, features {features}, 3×3×3 convolutions, 2 per stage,
 InstanceNorm + LeakyReLU, patch {PATCH}, {n_params:,} parameters. Spacing {SPACING} Å
 (nnU-Net resamples other spacings to this), ZScoreNormalization over the whole volume.
 Mirroring (test-time augmentation) allowed on axes {list(MIRROR_AXES)}.
@@ -641,8 +647,8 @@ says what else ran on it. No optimizer state is saved.
 
 The data are generated on the fly, so a larger model needs no dataset on disk:
 `python scripts/train_demo_model.py --out DIR --iterations 20000 --batch-size 8
---n-train 256 --refresh-every 1`, with `FEATURES` (e.g. 32–320, nnU-Net's defaults) and
-`PATCH` (e.g. 128³) raised at the top of the script and the loop moved to CUDA
+--n-train 256 --refresh-every 1 --features 32 64 128 256 320`, with `PATCH` (e.g. 128³)
+raised at the top of the script and the loop moved to CUDA
 (`net.cuda()`, the batch `.cuda()`). Or write volumes with `synth_random.randomized` as
 NIfTI into an nnU-Net raw dataset and run nnU-Net's own planning and training.
 """
@@ -691,6 +697,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"randomised and pure-noise volumes whose noise is forced to a low-pass of "
         f"{LOWPASS_RANGE_A[0]:g}-{LOWPASS_RANGE_A[1]:g} Å",
     )
+    p.add_argument(
+        "--features",
+        type=int,
+        nargs="+",
+        default=FEATURES,
+        help=f"features per stage, one stage per number, each halving the {PATCH[0]}^3 patch "
+        f"(2 to 6 stages; default {' '.join(map(str, FEATURES))}, the shipped model's)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--channels-last",
@@ -730,6 +744,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--iterations must be at least 1 and --finetune-iterations at least 0")
     if not (args.lr > 0 and args.finetune_lr > 0):
         p.error(f"--lr and --finetune-lr must be above 0, got {args.lr:g} and {args.finetune_lr:g}")
+    if not 2 <= len(args.features) <= 6 or min(args.features) < 1:
+        p.error(f"--features takes 2 to 6 positive numbers, got {args.features}")
+    if args.init is not None:  # the weights must fit the network
+        plans = json.loads((args.init / "plans.json").read_text())
+        arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+        if (theirs := arch["features_per_stage"]) != list(args.features):
+            p.error(
+                f"--init {args.init} has features {theirs}, this run {list(args.features)}: "
+                f"pass --features {' '.join(map(str, theirs))}"
+            )
     n_classic = round(args.n_train * args.classic_fraction)
     n_random = args.n_train + (args.iterations // args.refresh_every if args.refresh_every else 0)
     n_noise = round(args.n_train * args.noise_fraction) + (

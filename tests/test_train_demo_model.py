@@ -1,5 +1,6 @@
 """scripts/train_demo_model.py: same seed, same weights (either memory layout); the low-pass
-share; a loadable folder; a fine-tune cycle in the same command equals a second run.
+share; a loadable folder; a fine-tune cycle in the same command equals a second run; the
+network's stages set by --features.
 
 The bundled model's README promises that the training script is deterministic. These tests
 run the real script for a few iterations (tiny pool, real volumes, the real network) twice
@@ -123,12 +124,43 @@ def test_finetune_cycle_equals_a_second_run(
         assert f"python scripts/train_demo_model.py --out {folder} --iterations {n} " in two
 
 
+@pytest.mark.slow
+def test_features_set_the_network_and_must_match_init(
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--features` gives a network of that many stages that nnU-Net's predictor loads; a
+    fine-tune from weights of another shape is a usage error, not a state-dict traceback."""
+    monkeypatch.setenv("nnUNet_def_n_proc", "2")
+    threads = torch.get_num_threads()
+    deep = tmp_path / "deep"
+    try:
+        assert script.main(["--out", str(deep), "--iterations", "2", *TINY,
+                            "--features", "4", "8", "16", "32", "64"]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    plans = json.loads((deep / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert arch["features_per_stage"] == [4, 8, 16, 32, 64] and arch["n_stages"] == 5
+    assert _weights(deep)["cryomamba_training"]["features"] == [4, 8, 16, 32, 64]
+    from cryomamba.testing.reference import nnunet_predictor
+
+    predictor = nnunet_predictor(deep)
+    assert len(predictor.network.encoder.stages) == 5
+    assert "5 stages, features [4, 8, 16, 32, 64]" in (deep / "README.md").read_text()
+    with pytest.raises(SystemExit) as exc:  # the default 4-stage network from 5-stage weights
+        script.main(["--out", str(tmp_path / "ft"), "--iterations", "1", *TINY,
+                     "--init", str(deep)])  # fmt: skip
+    assert exc.value.code == 2 and not (tmp_path / "ft").exists()
+
+
 def test_bad_iterations_or_lr_is_a_usage_error(script: ModuleType, tmp_path: Path) -> None:
     for argv in (
         ["--iterations", "0"],
         ["--finetune-iterations", "-1"],
         ["--lr", "0"],
         ["--finetune-lr", "-1e-3"],
+        ["--features", "8"],
+        ["--features", "8", "16", "0"],
     ):
         with pytest.raises(SystemExit) as exc:
             script.main(["--out", str(tmp_path / "m"), *argv])
