@@ -99,7 +99,8 @@ def cryomamba_register_models(registry: Registry[ModelSpec]) -> None:
             "demo: membranes (bilayers or dark bands, 3-8 nm) at 10 Å/voxel, trained only "
             "on synthetic tomograms (cryomamba.synth_random); a first look, not for "
             "analysis: it marks reconstruction streaks as membrane and is unreliable for "
-            "faint membranes in strongly low-passed tomograms (docs/demo-model.md)",
+            "faint membranes in strongly low-passed tomograms and for bilayers under an "
+            "uncorrected high-defocus CTF (docs/demo-model.md)",
         ),
     )
     extra = os.environ.get("CRYOMAMBA_MODELS_DIR")
