@@ -746,7 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--lr and --finetune-lr must be above 0, got {args.lr:g} and {args.finetune_lr:g}")
     if not 2 <= len(args.features) <= 6 or min(args.features) < 1:
         p.error(f"--features takes 2 to 6 positive numbers, got {args.features}")
-    if args.init is not None:  # the weights must fit the network
+    if args.init is not None:  # a model folder whose weights fit the network
+        if not (args.init / "plans.json").is_file():
+            p.error(f"--init {args.init} is not a model folder: it holds no plans.json")
         plans = json.loads((args.init / "plans.json").read_text())
         arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
         if (theirs := arch["features_per_stage"]) != list(args.features):

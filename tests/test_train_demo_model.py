@@ -161,6 +161,7 @@ def test_bad_iterations_or_lr_is_a_usage_error(script: ModuleType, tmp_path: Pat
         ["--finetune-lr", "-1e-3"],
         ["--features", "8"],
         ["--features", "8", "16", "0"],
+        ["--init", str(tmp_path)],  # a folder, but not a model's
     ):
         with pytest.raises(SystemExit) as exc:
             script.main(["--out", str(tmp_path / "m"), *argv])
