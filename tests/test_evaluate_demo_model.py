@@ -77,7 +77,10 @@ def test_probability_threshold_half_is_the_arg_max(script: ModuleType) -> None:
 
 
 @pytest.mark.slow
-def test_pyseg_renderings_over_noise_seeds_and_beyond_the_six(script: ModuleType) -> None:
+def test_pyseg_renderings_over_noise_seeds_and_beyond_the_six(
+    script: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(script, "REAL", REAL_MRC)  # the tests' copy: CI has no ../shared
     six, beyond = "band, white, 1.5σ", "band, white, 1σ"
     out = script.evaluate(
         "demo-membrane", 1, None, {"pyseg", "beyond"}, [six, beyond], pyseg_seeds=2
