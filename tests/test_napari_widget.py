@@ -273,6 +273,9 @@ def test_run_errors_are_notifications(qtbot, viewer, tomo_path, notifications):
     job = widget.run()
     wait_until_idle(qtbot, widget)
     assert job.state == cm.JobState.FAILED
+    # the sink's notification and the widget's re-enabled button are separate main-thread
+    # events, in either order: wait for the notification, then read it
+    qtbot.waitUntil(lambda: len(errors(notifications)) >= 2, timeout=WAIT_MS)
     message = errors(notifications)[-1]
     assert "unknown model 'no-such-model'" in message
     assert " — use one of: demo-membrane" in message
